@@ -1,0 +1,385 @@
+"""
+Read and change Qubes qubes from dom0 through the qvm-* command-line tools.
+
+Every call passes an argument list (never a shell string built from pillar data),
+and file content reaches a qube on the standard input of ``qvm-run -p``. Reads are
+batched: one ``qvm-ls`` for the properties of all qubes and one ``qvm-features`` per
+qube, cached in ``__context__`` until this module changes something.
+"""
+
+import base64
+import io
+import json
+import logging
+import tarfile
+import time
+
+import salt.utils.path
+from salt.exceptions import CommandExecutionError
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "sysdns_qvm"
+
+# Properties read for every qube in one qvm-ls call. qvm-ls accepts any qube property
+# as a field and prints "-" for None, an empty value or a property the class lacks
+# (qubesadmin/tools/qvm_ls.py, Column.cell, qubes-core-admin-client 4.2).
+QUBE_FIELDS = (
+    "name",
+    "class",
+    "state",
+    "template",
+    "netvm",
+    "label",
+    "provides_network",
+    "autostart",
+    "memory",
+    "maxmem",
+    "vcpus",
+    "template_for_dispvms",
+    "default_dispvm",
+    "ip",
+)
+BOOL_FIELDS = frozenset({"provides_network", "autostart", "template_for_dispvms"})
+INT_FIELDS = frozenset({"memory", "maxmem", "vcpus"})
+
+REQUIRED_TOOLS = ("qvm-ls", "qvm-prefs", "qvm-features", "qvm-run", "qvm-start")
+
+# Exit code of qvm-features when the requested feature is not set
+# (qubesadmin/tools/qvm_features.py).
+FEATURE_UNSET_EXIT = 1
+
+
+def __virtual__():
+    missing = [tool for tool in REQUIRED_TOOLS if not salt.utils.path.which(tool)]
+    if missing:
+        return (
+            False,
+            "sysdns_qvm needs Qubes dom0 tools that are not on PATH: " + ", ".join(missing),
+        )
+    return __virtualname__
+
+
+def _call(argv, stdin=None, timeout=None, check=True):
+    """
+    Run one dom0 tool and return Salt's ``cmd.run_all`` result dict.
+
+    With ``check``, a non-zero exit raises CommandExecutionError naming the command
+    and its output.
+    """
+    log.debug("sysdns_qvm: running %s", argv)
+    started = time.monotonic()
+    result = __salt__["cmd.run_all"](
+        argv,
+        python_shell=False,
+        stdin=stdin,
+        ignore_retcode=True,
+        output_loglevel="quiet",
+        timeout=timeout,
+        rstrip=False,
+    )
+    log.debug(
+        "sysdns_qvm: %s exited %s after %.2f s",
+        argv[0],
+        result["retcode"],
+        time.monotonic() - started,
+    )
+    if check and result["retcode"] != 0:
+        raise CommandExecutionError(_describe_failure(argv, result))
+    return result
+
+
+def _describe_failure(argv, result):
+    output = (result.get("stderr") or "").strip() or (result.get("stdout") or "").strip()
+    if len(output) > 2000:
+        output = "..." + output[-2000:]
+    return "command {} failed with exit code {}: {}".format(
+        " ".join(argv), result["retcode"], output or "(no output)"
+    )
+
+
+def _forget():
+    """Drop cached reads after a change."""
+    for key in list(__context__):
+        if key.startswith("sysdns_qvm."):
+            del __context__[key]
+
+
+def _parse_value(field, raw):
+    if raw == "-":
+        return None
+    if field in BOOL_FIELDS:
+        return raw == "True"
+    if field in INT_FIELDS:
+        try:
+            return int(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def parse_qvm_ls(output, fields=QUBE_FIELDS):
+    """
+    Parse ``qvm-ls --raw-data --fields ...`` output into ``{name: {field: value}}``.
+
+    Booleans and integers come back as Python types, "-" as None.
+    """
+    qubes = {}
+    for line in output.splitlines():
+        if not line.strip():
+            continue
+        cells = line.split("|")
+        if len(cells) != len(fields):
+            raise CommandExecutionError(
+                "qvm-ls printed a row with {} fields where {} were requested: {!r}".format(
+                    len(cells), len(fields), line
+                )
+            )
+        row = {field: _parse_value(field, cell) for field, cell in zip(fields, cells)}
+        qubes[row["name"]] = row
+    return qubes
+
+
+def parse_qvm_features(output):
+    """Parse the two-column table that ``qvm-features QUBE`` prints into a dict."""
+    features = {}
+    for line in output.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split(None, 1)
+        features[parts[0]] = parts[1].strip() if len(parts) > 1 else ""
+    return features
+
+
+def list_qubes(refresh=False):
+    """
+    Return the properties of every qube, read with one qvm-ls call.
+
+    refresh
+        Read again even when this run already read the list.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call sysdns_qvm.list_qubes
+    """
+    key = "sysdns_qvm.qubes"
+    if refresh or key not in __context__:
+        argv = ["qvm-ls", "--raw-data", "--fields", ",".join(QUBE_FIELDS)]
+        __context__[key] = parse_qvm_ls(_call(argv)["stdout"])
+    return __context__[key]
+
+
+def get_qube(name, refresh=False):
+    """
+    Return the properties of one qube, or None when it does not exist.
+
+    name
+        Qube name.
+    """
+    return list_qubes(refresh=refresh).get(name)
+
+
+def is_running(name, refresh=False):
+    """Return True when the qube exists and is running."""
+    qube = get_qube(name, refresh=refresh)
+    return bool(qube) and qube["state"] == "Running"
+
+
+def features(name, refresh=False):
+    """
+    Return the features of one qube as a dict of strings, read with one qvm-features call.
+
+    name
+        Qube name.
+    """
+    key = "sysdns_qvm.features." + name
+    if refresh or key not in __context__:
+        __context__[key] = parse_qvm_features(_call(["qvm-features", name])["stdout"])
+    return __context__[key]
+
+
+def format_pref(value):
+    """Format a property value the way qvm-prefs takes it on its command line."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if value is None:
+        return ""
+    return str(value)
+
+
+def set_pref(name, prop, value):
+    """
+    Set one property of a qube.
+
+    name
+        Qube name.
+    prop
+        Property name, e.g. ``netvm``.
+    value
+        New value; booleans as True/False, None for no qube (e.g. netvm none).
+    """
+    argv = ["qvm-prefs", name, prop, format_pref(value)]
+    _call(argv)
+    log.info("sysdns_qvm: set %s of qube %s to %r", prop, name, value)
+    _forget()
+
+
+def set_feature(name, feature, value):
+    """
+    Set one feature of a qube; None unsets it.
+
+    name
+        Qube name.
+    feature
+        Feature name, e.g. ``service.qubes-firewall``.
+    value
+        String value, or None to unset.
+    """
+    if value is None:
+        argv = ["qvm-features", "--unset", name, feature]
+    else:
+        argv = ["qvm-features", name, feature, str(value)]
+    _call(argv)
+    log.info("sysdns_qvm: set feature %s of qube %s to %r", feature, name, value)
+    _forget()
+
+
+def create(name, klass, template, label, prefs=None):
+    """
+    Create a qube with ``qvm-create``.
+
+    name
+        Qube name.
+    klass
+        Qube class: AppVM, DispVM, TemplateVM or StandaloneVM.
+    template
+        Its template (for a DispVM: its disposable template).
+    label
+        Label color.
+    prefs
+        Properties set at creation, as a dict.
+    """
+    argv = ["qvm-create", "--class", klass, "--label", label]
+    if template:
+        argv += ["--template", template]
+    for prop, value in sorted((prefs or {}).items()):
+        argv += ["--prop", "{}={}".format(prop, format_pref(value))]
+    argv.append(name)
+    _call(argv)
+    log.info("sysdns_qvm: created %s %s from %s", klass, name, template)
+    _forget()
+
+
+def clone(source, name):
+    """
+    Clone a qube with ``qvm-clone``.
+
+    source
+        Existing qube, usually a template.
+    name
+        Name of the copy.
+    """
+    _call(["qvm-clone", source, name], timeout=3600)
+    log.info("sysdns_qvm: cloned %s to %s", source, name)
+    _forget()
+
+
+def start(name):
+    """Start a qube unless it runs already."""
+    _call(["qvm-start", "--skip-if-running", name], timeout=600)
+    log.info("sysdns_qvm: started %s", name)
+    _forget()
+
+
+def shutdown(name, timeout=120):
+    """
+    Shut a qube down and wait until it has halted.
+
+    timeout
+        Seconds to wait before qvm-shutdown gives up.
+    """
+    _call(["qvm-shutdown", "--wait", "--timeout", str(int(timeout)), name], timeout=timeout + 30)
+    log.info("sysdns_qvm: shut down %s", name)
+    _forget()
+
+
+def restart(name, timeout=120):
+    """Shut a qube down, wait, and start it again."""
+    shutdown(name, timeout=timeout)
+    start(name)
+
+
+def run(name, command, user="root", stdin=None, autostart=True, timeout=900, check=True):
+    """
+    Run a command in a qube with ``qvm-run -p`` and return the cmd.run_all result.
+
+    name
+        Qube name.
+    command
+        Command line run by the qube's shell. Callers pass constant strings; data goes
+        through ``stdin``.
+    user
+        User inside the qube.
+    stdin
+        Text sent to the command's standard input.
+    autostart
+        Start the qube when it is halted (as qvm-run does); False adds --no-autostart.
+    check
+        Raise CommandExecutionError on a non-zero exit code.
+    """
+    argv = ["qvm-run", "--pass-io", "--no-gui", "--user", user]
+    if not autostart:
+        argv.append("--no-autostart")
+    argv += [name, command]
+    result = _call(argv, stdin=stdin, timeout=timeout, check=False)
+    if autostart:
+        # qvm-run may have started the qube.
+        __context__.pop("sysdns_qvm.qubes", None)
+    if check and result["retcode"] != 0:
+        raise CommandExecutionError("in qube {}: {}".format(name, _describe_failure(argv, result)))
+    return result
+
+
+def pack_files(files, links=None):
+    """
+    Pack files into a base64-encoded tar archive for ``base64 -d | tar -x`` in a qube.
+
+    files
+        Dict of path to ``{"content": str, "mode": "0644"}``; paths are relative to the
+        extraction folder (a leading "/" is dropped).
+    links
+        Dict of path to symlink target, e.g. a unit masked with a link to /dev/null.
+    """
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for path, spec in sorted(files.items()):
+            data = spec["content"].encode("utf-8")
+            info = tarfile.TarInfo(path.lstrip("/"))
+            info.size = len(data)
+            info.mode = int(spec.get("mode", "0644"), 8)
+            archive.addfile(info, io.BytesIO(data))
+        for path, target in sorted((links or {}).items()):
+            info = tarfile.TarInfo(path.lstrip("/"))
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            archive.addfile(info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii") + "\n"
+
+
+def set_json_feature(name, feature, value):
+    """Store a JSON-serializable value in a feature, in a canonical form."""
+    set_feature(name, feature, json.dumps(value, sort_keys=True, separators=(",", ":")))
+
+
+def json_feature(name, feature):
+    """Return a feature written by set_json_feature, or None when unset or unreadable."""
+    raw = features(name).get(feature)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        log.warning("sysdns_qvm: feature %s of qube %s is not valid JSON; ignoring it", feature, name)
+        return None

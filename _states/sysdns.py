@@ -1,0 +1,566 @@
+"""
+Build and wire a DNS service qube (sys-dns) from dom0: its template, the qube, its
+configuration and the netvm of the qubes that route through it.
+
+Each state reads what exists through the ``sysdns_qvm`` execution module, computes a
+``{key: {"old": ..., "new": ...}}`` diff, returns early when it is empty, predicts the
+same diff under ``test=True`` without changing anything, and only then acts.
+"""
+
+import hashlib
+import logging
+
+from salt.exceptions import CommandExecutionError, SaltInvocationError
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "sysdns"
+
+# Features in which the formula records what it applied, so that a run can tell from
+# dom0 alone, without starting a halted qube, whether anything needs doing.
+TEMPLATE_FEATURE = "sysdns.template"
+CONFIG_FEATURE = "sysdns.config"
+PREVIOUS_NETVM_FEATURE = "sysdns.previous-netvm"
+
+HELPER_DIR = "/usr/lib/sysdns"
+
+# Constant commands run in qubes; data travels on standard input, never in these strings.
+TEMPLATE_FACTS_COMMAND = (
+    "cat /etc/os-release; echo '--- sources'; "
+    "cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null; true"
+)
+TEMPLATE_SETUP_COMMAND = (
+    "base64 -d | tar -x -f - -C / --no-same-owner && " + HELPER_DIR + "/setup-template"
+)
+INSTALL_CONFIG_COMMAND = HELPER_DIR + "/install-config"
+STORE_CONFIG_COMMAND = "SYSDNS_STORE_ONLY=1 " + INSTALL_CONFIG_COMMAND
+REPORT_COMMAND = HELPER_DIR + "/report"
+
+WHONIX_FEATURES = ("whonix-gw", "whonix-ws")
+
+
+def __virtual__():
+    if "sysdns_qvm.list_qubes" in __salt__:
+        return __virtualname__
+    return (False, "the sysdns states need the sysdns_qvm execution module (Qubes dom0 only)")
+
+
+def _ret(name, comment=""):
+    return {"name": name, "result": True, "changes": {}, "comment": comment}
+
+
+def _fail(ret, comment):
+    ret["result"] = False
+    ret["comment"] = comment
+    return ret
+
+
+def _sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _resolve_files(files):
+    """Return ``{path: {"content", "mode"}}``, reading entries given as ``source``."""
+    resolved = {}
+    for path, spec in files.items():
+        if "content" in spec:
+            content = spec["content"]
+        else:
+            content = __salt__["cp.get_file_str"](spec["source"])
+            if content is False or content is None:
+                raise SaltInvocationError(
+                    "file {} for {} was not found on the Salt file server".format(
+                        spec["source"], path
+                    )
+                )
+        mode = spec.get("mode", "0644")
+        if isinstance(mode, int):
+            mode = "{:04o}".format(mode)
+        resolved[path] = {"content": content, "mode": mode}
+    return resolved
+
+
+def template_present(name, source, clone=True):
+    """
+    Ensure the template of sys-dns exists, cloned from ``source`` when missing.
+
+    name
+        Template name, e.g. ``tpl-sys-dns``.
+    source
+        Template to clone, e.g. ``debian-12-minimal``.
+    clone
+        False uses ``source`` itself (then ``name`` must equal ``source``).
+
+    .. code-block:: yaml
+
+        tpl-sys-dns:
+          sysdns.template_present:
+            - source: debian-12-minimal
+    """
+    ret = _ret(name, "Template {} is present".format(name))
+    try:
+        qube = __salt__["sysdns_qvm.get_qube"](name)
+        if qube is not None:
+            if qube["class"] != "TemplateVM":
+                return _fail(
+                    ret,
+                    "qube {} exists but is a {}, not a TemplateVM: rename it or choose "
+                    "another name in sysdns:template:name".format(name, qube["class"]),
+                )
+            return ret
+
+        if not clone or source == name:
+            return _fail(
+                ret,
+                "template {} not found: install it (qvm-template install {}) or set "
+                "sysdns:template:source".format(name, name),
+            )
+        origin = __salt__["sysdns_qvm.get_qube"](source)
+        if origin is None or origin["class"] != "TemplateVM":
+            return _fail(
+                ret,
+                "template {} to clone from not found: install it (qvm-template install "
+                "{}) or set sysdns:template:source".format(source, source),
+            )
+
+        ret["changes"] = {"template": {"old": None, "new": "clone of {}".format(source)}}
+        if __opts__["test"]:
+            ret["result"] = None
+            ret["comment"] = "Template {} would have been cloned from {}".format(name, source)
+            return ret
+
+        __salt__["sysdns_qvm.clone"](source, name)
+        ret["comment"] = "Template {} has been cloned from {}".format(name, source)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["changes"] = {}
+        return _fail(ret, str(exc))
+    return ret
+
+
+def parse_template_facts(output):
+    """
+    Parse the output of TEMPLATE_FACTS_COMMAND into os-release fields and the apt
+    mirror of the template's main Debian source.
+    """
+    release_text, _, sources_text = output.partition("--- sources")
+    release = {}
+    for line in release_text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            release[key.strip()] = value.strip().strip('"')
+
+    mirror = None
+    for line in sources_text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) < 3 or words[0] != "deb":
+            continue
+        # Skip options such as [arch=amd64 signed-by=...].
+        rest = [word for word in words[1:] if not (word.startswith("[") or word.endswith("]") or "=" in word)]
+        if len(rest) >= 2 and rest[1] == release.get("VERSION_CODENAME") and "security" not in rest[0]:
+            mirror = rest[0]
+            break
+    return release, mirror
+
+
+def template_configured(name, packages, files, links=None, debian_backport=True):
+    """
+    Ensure the template of sys-dns has the packages and unit files it needs, then shut
+    it down so that qubes based on it pick up the change at their next start.
+
+    What was applied is recorded in the template's feature ``sysdns.template``; a run
+    whose packages and files match that record does not start the template.
+
+    name
+        Template name.
+    packages
+        Package names to install (apt or dnf inside the template).
+    files
+        ``{path: {"content": str} or {"source": salt://...}, "mode": "0644"}`` written
+        into the template before the packages are installed.
+    links
+        ``{path: target}`` symlinks, e.g. units masked with /dev/null.
+    debian_backport
+        On a Debian release without dnscrypt-proxy (Debian 12), take it from trixie
+        through the template's own mirror, pinned so that nothing else comes from
+        trixie (``sysdns_config.render_apt_sources``).
+    """
+    ret = _ret(name, "Template {} already has the sys-dns packages and files".format(name))
+    links = links or {}
+    try:
+        files = _resolve_files(files)
+        wanted = {
+            "packages": sorted(packages),
+            "files": {path: _sha256(spec["mode"] + "\0" + spec["content"]) for path, spec in files.items()},
+            "links": dict(links),
+            "debian_backport": bool(debian_backport),
+        }
+        recorded = {}
+        if __salt__["sysdns_qvm.get_qube"](name) is not None:
+            recorded = __salt__["sysdns_qvm.json_feature"](name, TEMPLATE_FEATURE) or {}
+
+        changes = {}
+        for key in ("packages", "files", "links", "debian_backport"):
+            if key == "files":
+                old_files = recorded.get("files") or {}
+                file_changes = {
+                    path: {"old": old_files.get(path), "new": wanted["files"].get(path)}
+                    for path in sorted(set(old_files) | set(wanted["files"]))
+                    if old_files.get(path) != wanted["files"].get(path)
+                }
+                if file_changes:
+                    changes["files"] = file_changes
+            elif recorded.get(key) != wanted[key]:
+                changes[key] = {"old": recorded.get(key), "new": wanted[key]}
+        if not changes:
+            return ret
+
+        ret["changes"] = changes
+        if __opts__["test"]:
+            ret["result"] = None
+            ret["comment"] = "Template {} would have been updated and shut down".format(name)
+            return ret
+
+        facts = __salt__["sysdns_qvm.run"](name, TEMPLATE_FACTS_COMMAND)["stdout"]
+        release, mirror = parse_template_facts(facts)
+        archive_files = dict(files)
+        archive_files["/etc/sysdns/packages"] = {
+            "content": "".join(package + "\n" for package in sorted(packages)),
+            "mode": "0644",
+        }
+        if debian_backport and release.get("ID") == "debian":
+            archive_files.update(_debian_backport_files(name, release, mirror))
+
+        archive = __salt__["sysdns_qvm.pack_files"](archive_files, links)
+        __salt__["sysdns_qvm.run"](name, TEMPLATE_SETUP_COMMAND, stdin=archive, timeout=1800)
+        __salt__["sysdns_qvm.shutdown"](name)
+        __salt__["sysdns_qvm.set_json_feature"](name, TEMPLATE_FEATURE, wanted)
+        ret["comment"] = "Template {} has been updated and shut down".format(name)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["changes"] = {}
+        return _fail(ret, str(exc))
+    return ret
+
+
+def _debian_backport_files(name, release, mirror):
+    """Return the apt source and pin files a Debian template needs for dnscrypt-proxy."""
+    suite = release.get("VERSION_CODENAME")
+    if not mirror:
+        # Suites that ship dnscrypt-proxy need no extra source, so no mirror either.
+        needed = __salt__["sysdns_config.render_apt_sources"]("http://deb.debian.org/debian", suite)
+        if not needed:
+            return {}
+        raise CommandExecutionError(
+            "template {}: no 'deb' line for {} found in its apt sources, so the trixie "
+            "source for dnscrypt-proxy cannot follow its mirror; add one to "
+            "/etc/apt/sources.list".format(name, suite)
+        )
+    rendered = __salt__["sysdns_config.render_apt_sources"](mirror, suite)
+    return {path: {"content": content, "mode": "{:04o}".format(mode)} for path, (content, mode) in rendered.items()}
+
+
+def _compare_prefs(qube, prefs):
+    changes = {}
+    for prop, value in sorted(prefs.items()):
+        have = qube.get(prop) if qube else None
+        if have != value:
+            changes[prop] = {"old": have, "new": value}
+    return changes
+
+
+def qube_present(name, template, label, klass="AppVM", prefs=None, features=None):
+    """
+    Ensure a qube exists with the class, template, label, properties and features given.
+
+    name
+        Qube name.
+    template
+        Its template (for a DispVM: its disposable template).
+    label
+        Label color.
+    klass
+        AppVM or DispVM. An existing qube of another class is an error: Qubes cannot
+        change a qube's class.
+    prefs
+        Properties, typed as Qubes stores them (bool, int, qube names).
+    features
+        Features, as strings; None unsets one.
+
+    .. code-block:: yaml
+
+        sys-dns:
+          sysdns.qube_present:
+            - template: tpl-sys-dns
+            - label: orange
+            - prefs:
+                netvm: sys-net
+                provides_network: true
+    """
+    ret = _ret(name, "Qube {} is in the requested state".format(name))
+    prefs = dict(prefs or {})
+    features = dict(features or {})
+    try:
+        qube = __salt__["sysdns_qvm.get_qube"](name)
+        changes = {}
+        if qube is None:
+            changes["qube"] = {"old": None, "new": {"class": klass, "template": template, "label": label}}
+            have_features = {}
+        else:
+            if qube["class"] != klass:
+                return _fail(
+                    ret,
+                    "qube {} is a {} but the pillar asks for a {}: Qubes cannot change a "
+                    "qube's class, so remove it (qvm-remove {}) or choose another name in "
+                    "sysdns:qube:name".format(name, qube["class"], klass, name),
+                )
+            prefs = dict(prefs, template=template, label=label)
+            have_features = __salt__["sysdns_qvm.features"](name)
+
+        pref_changes = _compare_prefs(qube, prefs)
+        if pref_changes:
+            changes["prefs"] = pref_changes
+        feature_changes = {
+            feature: {"old": have_features.get(feature), "new": value}
+            for feature, value in sorted(features.items())
+            if have_features.get(feature) != value
+        }
+        if feature_changes:
+            changes["features"] = feature_changes
+        if not changes:
+            return ret
+
+        ret["changes"] = changes
+        if __opts__["test"]:
+            ret["result"] = None
+            ret["comment"] = "Qube {} would have been {}".format(name, "created" if qube is None else "updated")
+            return ret
+
+        if qube is None:
+            __salt__["sysdns_qvm.create"](name, klass, template, label)
+        elif "template" in pref_changes and qube["state"] != "Halted":
+            # Qubes refuses a new template for a running qube.
+            __salt__["sysdns_qvm.shutdown"](name)
+        for prop, change in pref_changes.items():
+            if qube is None and prop in ("template", "label"):
+                continue
+            __salt__["sysdns_qvm.set_pref"](name, prop, change["new"])
+        for feature, change in feature_changes.items():
+            __salt__["sysdns_qvm.set_feature"](name, feature, change["new"])
+        ret["comment"] = "Qube {} has been {}".format(name, "created" if qube is None else "updated")
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["changes"] = {}
+        return _fail(ret, str(exc))
+    return ret
+
+
+def running(name, restart_on_change=True):
+    """
+    Ensure a qube is running; a ``watch`` requisite that reports changes restarts it
+    (for example after its template changed).
+
+    name
+        Qube name.
+    restart_on_change
+        With False, a change in a watched state does not restart the qube.
+    """
+    ret = _ret(name, "Qube {} is running".format(name))
+    try:
+        qube = __salt__["sysdns_qvm.get_qube"](name)
+        if qube is None and not __opts__["test"]:
+            return _fail(ret, "qube {} not found".format(name))
+        # A qube that a test run predicts to be created would be halted here.
+        state = qube["state"] if qube else "Halted"
+        if state == "Running":
+            return ret
+
+        ret["changes"] = {"state": {"old": state, "new": "Running"}}
+        if __opts__["test"]:
+            ret["result"] = None
+            ret["comment"] = "Qube {} would have been started".format(name)
+            return ret
+        __salt__["sysdns_qvm.start"](name)
+        ret["comment"] = "Qube {} has been started".format(name)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["changes"] = {}
+        return _fail(ret, str(exc))
+    return ret
+
+
+def mod_watch(name, sfun=None, restart_on_change=True, **kwargs):
+    """Restart a running qube when a watched state reported changes."""
+    ret = _ret(name)
+    if sfun != "running":
+        return _fail(ret, "sysdns.{} does not support watch".format(sfun))
+    try:
+        qube = __salt__["sysdns_qvm.get_qube"](name)
+        if not restart_on_change or qube is None or qube["state"] != "Running":
+            return running(name, restart_on_change)
+
+        ret["changes"] = {"restarted": {"old": None, "new": name}}
+        if __opts__["test"]:
+            ret["result"] = None
+            ret["comment"] = "Qube {} would have been restarted".format(name)
+            return ret
+        __salt__["sysdns_qvm.restart"](name)
+        ret["comment"] = "Qube {} has been restarted".format(name)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["changes"] = {}
+        return _fail(ret, str(exc))
+    return ret
+
+
+def parse_report(output):
+    """Parse the output of the report helper into a dict."""
+    report = {"files": {}, "service": None, "firewall": None, "input-accept": None}
+    for line in output.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "file":
+            report["files"][words[2]] = words[1]
+        elif len(words) == 2 and words[0] in report:
+            report[words[0]] = words[1]
+    return report
+
+
+def config_applied(name, files, restart_qube=None):
+    """
+    Ensure sys-dns's configuration in /rw/config/sysdns matches ``files``, that the
+    firewall is loaded and that dnscrypt-proxy runs with it.
+
+    A running qube is checked for real (files by SHA-256, service, nft table), so hand
+    edits are found and restored; for a halted qube the record in its feature
+    ``sysdns.config`` stands in. New files replace the old ones only after the qube's
+    ``dnscrypt-proxy -check`` and ``nft -c`` accept them, and dnscrypt-proxy restarts
+    without a restart of the qube.
+
+    name
+        The qube whose /rw holds the configuration: sys-dns itself, or for a named
+        disposable its disposable template.
+    files
+        ``{filename: content}`` for /rw/config/sysdns.
+    restart_qube
+        A named disposable to restart after its disposable template got a new
+        configuration.
+    """
+    ret = _ret(name, "Configuration of {} is up to date and dnscrypt-proxy runs".format(name))
+    try:
+        wanted = {filename: _sha256(content) for filename, content in files.items()}
+        qube = __salt__["sysdns_qvm.get_qube"](name)
+        running_now = bool(qube) and qube["state"] == "Running"
+        holds_service = restart_qube is None
+
+        if running_now and holds_service:
+            report = parse_report(
+                __salt__["sysdns_qvm.run"](name, REPORT_COMMAND, autostart=False)["stdout"]
+            )
+            have = report["files"]
+        else:
+            report = None
+            recorded = __salt__["sysdns_qvm.json_feature"](name, CONFIG_FEATURE) if qube else None
+            have = recorded or {}
+            if recorded is None and holds_service:
+                # Never configured: once started, the qube will show what a fresh
+                # template gives, a stopped service and no firewall.
+                report = {"service": "inactive", "firewall": "missing", "input-accept": "missing"}
+
+        changes = {}
+        file_changes = {
+            filename: {"old": have.get(filename), "new": wanted.get(filename)}
+            for filename in sorted(set(have) | set(wanted))
+            if have.get(filename) != wanted.get(filename)
+        }
+        if file_changes:
+            changes["files"] = file_changes
+        if report is not None and holds_service:
+            for key, good in (("service", "active"), ("firewall", "loaded"), ("input-accept", "present")):
+                if report[key] != good:
+                    changes[key] = {"old": report[key], "new": good}
+        if not changes:
+            return ret
+
+        ret["changes"] = changes
+        if __opts__["test"]:
+            ret["result"] = None
+            ret["comment"] = "Configuration of {} would have been applied".format(name)
+            return ret
+
+        archive = __salt__["sysdns_qvm.pack_files"](
+            {filename: {"content": content, "mode": "0644"} for filename, content in files.items()}
+        )
+        if holds_service:
+            __salt__["sysdns_qvm.run"](name, INSTALL_CONFIG_COMMAND, stdin=archive, timeout=300)
+        else:
+            # A disposable template only stores the files, and its named disposable
+            # starts from the private volume of its last shutdown.
+            __salt__["sysdns_qvm.run"](name, STORE_CONFIG_COMMAND, stdin=archive, timeout=300)
+            __salt__["sysdns_qvm.shutdown"](name)
+        __salt__["sysdns_qvm.set_json_feature"](name, CONFIG_FEATURE, wanted)
+        if restart_qube is not None and __salt__["sysdns_qvm.is_running"](restart_qube):
+            __salt__["sysdns_qvm.restart"](restart_qube)
+        ret["comment"] = "Configuration of {} has been applied".format(name)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["changes"] = {}
+        return _fail(ret, str(exc))
+    return ret
+
+
+def _whonix_reason(qube_name):
+    qube = __salt__["sysdns_qvm.get_qube"](qube_name)
+    names = [qube_name]
+    if qube and qube.get("template"):
+        names.append(qube["template"])
+    for candidate in names:
+        if "whonix" in candidate.lower():
+            return "{} is a Whonix qube".format(candidate)
+    if qube and qube.get("template"):
+        template_features = __salt__["sysdns_qvm.features"](qube["template"])
+        for feature in WHONIX_FEATURES:
+            if template_features.get(feature):
+                return "its template {} has the Whonix feature {}".format(qube["template"], feature)
+    return None
+
+
+def netvm(name, netvm):
+    """
+    Ensure a qube uses ``netvm`` as its netvm, recording the previous one in the
+    feature ``sysdns.previous-netvm`` for the rollback. Whonix qubes are refused: they
+    keep their Tor chain.
+
+    name
+        Qube to rewire, e.g. ``sys-firewall``.
+    netvm
+        New netvm, e.g. ``sys-dns``.
+    """
+    ret = _ret(name, "Qube {} already uses {} as its netvm".format(name, netvm))
+    try:
+        qube = __salt__["sysdns_qvm.get_qube"](name)
+        if qube is None:
+            return _fail(ret, "qube {} not found: create it or remove it from sysdns:rewire".format(name))
+        reason = _whonix_reason(name)
+        if reason:
+            return _fail(
+                ret,
+                "qube {} is not rewired because {}: Whonix keeps its Tor chain; remove it "
+                "from sysdns:rewire".format(name, reason),
+            )
+        if qube["netvm"] == netvm:
+            return ret
+
+        changes = {"netvm": {"old": qube["netvm"], "new": netvm}}
+        recorded = __salt__["sysdns_qvm.features"](name).get(PREVIOUS_NETVM_FEATURE)
+        if recorded is None:
+            changes["features"] = {
+                PREVIOUS_NETVM_FEATURE: {"old": None, "new": qube["netvm"] or ""}
+            }
+        ret["changes"] = changes
+        if __opts__["test"]:
+            ret["result"] = None
+            ret["comment"] = "Netvm of {} would have been set to {}".format(name, netvm)
+            return ret
+
+        if recorded is None:
+            __salt__["sysdns_qvm.set_feature"](name, PREVIOUS_NETVM_FEATURE, qube["netvm"] or "")
+        __salt__["sysdns_qvm.set_pref"](name, "netvm", netvm)
+        ret["comment"] = "Netvm of {} has been set to {}".format(name, netvm)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["changes"] = {}
+        return _fail(ret, str(exc))
+    return ret

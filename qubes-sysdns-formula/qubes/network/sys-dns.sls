@@ -1,0 +1,119 @@
+# qubes-sysdns-formula (GPL-2.0-or-later)
+#
+# Build the DNS service qube sys-dns running dnscrypt-proxy and route the qubes named
+# in the pillar (by default sys-firewall) through it:
+#   app qubes -> sys-firewall -> sys-dns -> sys-net
+# Review:  sudo qubesctl state.show_sls qubes.network.sys-dns
+# Apply:   sudo qubesctl --show-output state.sls qubes.network.sys-dns
+{%- from "qubes/network/sys-dns/map.jinja" import sysdns, template_packages with context %}
+{%- set template = sysdns.template.name %}
+{%- set qube = sysdns.qube.name %}
+{%- set template_side = salt['sysdns_config.render_template_files'](sysdns) %}
+{%- set template_links = salt['sysdns_config.render_template_links']() %}
+{%- set helpers = {
+      '/usr/lib/sysdns/setup-template': 'setup-template.sh',
+      '/usr/lib/sysdns/install-config': 'install-config.sh',
+      '/usr/lib/sysdns/report': 'report.sh',
+    } %}
+{%- set template_files = {} %}
+{%- for path, spec in template_side.items() %}
+{%-   do template_files.update({path: {'content': spec[0], 'mode': '%04o' | format(spec[1])}}) %}
+{%- endfor %}
+{%- set links = {} %}
+{%- do links.update(template_links.masks) %}
+{%- do links.update(template_links.wants) %}
+{%- for path, filename in helpers.items() %}
+{%-   do template_files.update({path: {'source': 'salt://qubes/network/sys-dns/files/' ~ filename, 'mode': '0755'}}) %}
+{%- endfor %}
+{%- if sysdns.qube['class'] == 'DispVM' %}
+{%-   set config_qube = sysdns.qube.disposable_template %}
+{%- else %}
+{%-   set config_qube = qube %}
+{%- endif %}
+
+"qubes.network.sys-dns - template {{ template }} present":
+  sysdns.template_present:
+    - name: {{ template }}
+    - source: {{ sysdns.template.source }}
+    - clone: {{ sysdns.template.clone }}
+
+"qubes.network.sys-dns - packages and units in {{ template }}":
+  sysdns.template_configured:
+    - name: {{ template }}
+    - packages: {{ template_packages | json }}
+    - files: {{ template_files | json }}
+    - links: {{ links | json }}
+    - require:
+      - sysdns: "qubes.network.sys-dns - template {{ template }} present"
+
+{%- if sysdns.qube['class'] == 'DispVM' %}
+
+"qubes.network.sys-dns - disposable template {{ config_qube }} present":
+  sysdns.qube_present:
+    - name: {{ config_qube }}
+    - klass: AppVM
+    - template: {{ template }}
+    - label: {{ sysdns.qube.label }}
+    - prefs:
+        template_for_dispvms: true
+        netvm: null
+    - require:
+      - sysdns: "qubes.network.sys-dns - packages and units in {{ template }}"
+
+"qubes.network.sys-dns - configuration stored in {{ config_qube }}":
+  sysdns.config_applied:
+    - name: {{ config_qube }}
+    - files: {{ salt['sysdns_config.config_files'](sysdns) | json }}
+    - restart_qube: {{ qube }}
+    - require:
+      - sysdns: "qubes.network.sys-dns - disposable template {{ config_qube }} present"
+{%- endif %}
+
+"qubes.network.sys-dns - qube {{ qube }} present":
+  sysdns.qube_present:
+    - name: {{ qube }}
+    - klass: {{ sysdns.qube['class'] }}
+    - template: {{ config_qube if sysdns.qube['class'] == 'DispVM' else template }}
+    - label: {{ sysdns.qube.label }}
+    - prefs:
+        netvm: {{ sysdns.qube.netvm }}
+        provides_network: true
+        autostart: {{ sysdns.qube.autostart }}
+        memory: {{ sysdns.qube.memory }}
+        vcpus: {{ sysdns.qube.vcpus }}
+    - features:
+        # Units in the template start only in qubes with this Qubes service.
+        service.sysdns: "1"
+    - require:
+      - sysdns: "qubes.network.sys-dns - packages and units in {{ template }}"
+
+"qubes.network.sys-dns - qube {{ qube }} running":
+  sysdns.running:
+    - name: {{ qube }}
+    - watch:
+      - sysdns: "qubes.network.sys-dns - packages and units in {{ template }}"
+    - require:
+      - sysdns: "qubes.network.sys-dns - qube {{ qube }} present"
+{%- if sysdns.qube['class'] == 'DispVM' %}
+      - sysdns: "qubes.network.sys-dns - configuration stored in {{ config_qube }}"
+{%- else %}
+
+"qubes.network.sys-dns - configuration of {{ qube }} applied":
+  sysdns.config_applied:
+    - name: {{ qube }}
+    - files: {{ salt['sysdns_config.config_files'](sysdns) | json }}
+    - require:
+      - sysdns: "qubes.network.sys-dns - qube {{ qube }} running"
+{%- endif %}
+{%- for client in sysdns.rewire %}
+
+"qubes.network.sys-dns - {{ client }} routed through {{ qube }}":
+  sysdns.netvm:
+    - name: {{ client }}
+    - netvm: {{ qube }}
+    - require:
+      - sysdns: "qubes.network.sys-dns - qube {{ qube }} running"
+{%-   if sysdns.qube['class'] != 'DispVM' %}
+      - sysdns: "qubes.network.sys-dns - configuration of {{ qube }} applied"
+{%-   endif %}
+{%- endfor %}

@@ -1,0 +1,279 @@
+"""Branch tests of the sysdns states against an in-memory Qubes."""
+
+import pytest
+
+from tests.unit.sysdns_fakes import FakeQubes, load_salt_module, qube, unpack_files
+
+BASE_QUBES = [
+    qube("dom0", "AdminVM", "Running"),
+    qube("debian-12-minimal", "TemplateVM"),
+    qube("sys-net", "AppVM", "Running", provides_network=True),
+    qube("sys-firewall", "AppVM", "Running", netvm="sys-net", provides_network=True, template="debian-12-minimal"),
+    qube("personal", "AppVM", "Running", netvm="sys-firewall", template="debian-12-minimal"),
+    qube("whonix-gateway-17", "TemplateVM"),
+    qube("sys-whonix", "AppVM", "Running", netvm="sys-firewall", template="whonix-gateway-17", provides_network=True),
+]
+
+PACKAGES = ["dnscrypt-proxy", "nftables"]
+FILES = {"/etc/systemd/system/dnscrypt-proxy.service": {"content": "[Unit]\n", "mode": "0644"}}
+LINKS = {"/etc/systemd/system/dnscrypt-proxy.socket": "/dev/null"}
+BACKPORT = True
+CONFIG = {"dnscrypt-proxy.toml": "listen_addresses = []\n", "sysdns.nft": "table inet sysdns\n"}
+
+
+@pytest.fixture
+def fake():
+    return FakeQubes(BASE_QUBES)
+
+
+def states(fake, test=False):
+    return load_salt_module(
+        "_states/sysdns.py",
+        __salt__=fake.salt_functions(),
+        __opts__={"test": test},
+        __context__={},
+    )
+
+
+def build_sequence(module):
+    """Apply the builder's states in SLS order and return their results."""
+    return [
+        module.template_present("tpl-sys-dns", "debian-12-minimal"),
+        module.template_configured("tpl-sys-dns", PACKAGES, FILES, LINKS, BACKPORT),
+        module.qube_present(
+            "sys-dns",
+            "tpl-sys-dns",
+            "orange",
+            prefs={"netvm": "sys-net", "provides_network": True, "autostart": True},
+            features={"service.sysdns": "1"},
+        ),
+        module.running("sys-dns"),
+        module.config_applied("sys-dns", CONFIG),
+        module.netvm("sys-firewall", "sys-dns"),
+    ]
+
+
+def test_template_present_clones_missing(fake):
+    ret = states(fake).template_present("tpl-sys-dns", "debian-12-minimal")
+    assert ret["result"] is True
+    assert ret["changes"] == {"template": {"old": None, "new": "clone of debian-12-minimal"}}
+    assert ("clone", "debian-12-minimal", "tpl-sys-dns") in fake.changes
+
+
+def test_template_present_existing_is_noop(fake):
+    ret = states(fake).template_present("debian-12-minimal", "debian-12-minimal", clone=False)
+    assert ret["result"] is True
+    assert ret["changes"] == {}
+    assert fake.changes == []
+
+
+def test_template_present_rejects_appvm_name(fake):
+    ret = states(fake).template_present("personal", "debian-12-minimal")
+    assert ret["result"] is False
+    assert "is a AppVM, not a TemplateVM" in ret["comment"]
+    assert fake.changes == []
+
+
+def test_template_present_missing_source(fake):
+    ret = states(fake).template_present("tpl-sys-dns", "debian-13-minimal")
+    assert ret["result"] is False
+    assert "qvm-template install debian-13-minimal" in ret["comment"]
+
+
+def test_template_present_test_mode(fake):
+    ret = states(fake, test=True).template_present("tpl-sys-dns", "debian-12-minimal")
+    assert ret["result"] is None
+    assert "would have been cloned" in ret["comment"]
+    assert fake.changes == []
+
+
+def test_template_configured_installs_and_records(fake):
+    module = states(fake)
+    module.template_present("tpl-sys-dns", "debian-12-minimal")
+    ret = module.template_configured("tpl-sys-dns", PACKAGES, FILES, LINKS, BACKPORT)
+    assert ret["result"] is True, ret["comment"]
+    assert ret["changes"]["packages"] == {"old": None, "new": PACKAGES}
+    assert fake.qubes["tpl-sys-dns"]["state"] == "Halted"
+    assert "sysdns.template" in fake.features_of["tpl-sys-dns"]
+
+
+def test_template_configured_pins_trixie_on_debian_12(fake):
+    module = states(fake)
+    module.template_present("tpl-sys-dns", "debian-12-minimal")
+    module.template_configured("tpl-sys-dns", PACKAGES, FILES, LINKS, BACKPORT)
+    archive = [stdin for name, command, stdin in fake.runs if command.endswith("setup-template")][0]
+    files = unpack_files(archive)
+    assert "deb http://deb.debian.org/debian trixie main" in files["etc/apt/sources.list.d/sysdns-trixie.list"]
+    assert "Pin-Priority: -10" in files["etc/apt/preferences.d/sysdns-dnscrypt-proxy"]
+    assert files["etc/sysdns/packages"] == "dnscrypt-proxy\nnftables\n"
+
+
+def test_template_configured_no_pin_on_debian_13(fake):
+    fake.os_release = 'ID=debian\nVERSION_ID="13"\nVERSION_CODENAME=trixie\n'
+    fake.sources = "deb http://deb.debian.org/debian trixie main\n"
+    module = states(fake)
+    module.template_present("tpl-sys-dns", "debian-12-minimal")
+    module.template_configured("tpl-sys-dns", PACKAGES, FILES, LINKS, BACKPORT)
+    archive = [stdin for name, command, stdin in fake.runs if command.endswith("setup-template")][0]
+    assert not any("sysdns-trixie" in path for path in unpack_files(archive))
+
+
+def test_template_configured_without_mirror_fails(fake):
+    fake.sources = "# no sources\n"
+    module = states(fake)
+    module.template_present("tpl-sys-dns", "debian-12-minimal")
+    ret = module.template_configured("tpl-sys-dns", PACKAGES, FILES, LINKS, BACKPORT)
+    assert ret["result"] is False
+    assert "no 'deb' line for bookworm" in ret["comment"]
+    assert "sysdns.template" not in fake.features_of.get("tpl-sys-dns", {})
+
+
+def test_template_configured_second_run_starts_nothing(fake):
+    module = states(fake)
+    module.template_present("tpl-sys-dns", "debian-12-minimal")
+    module.template_configured("tpl-sys-dns", PACKAGES, FILES, LINKS, BACKPORT)
+    fake.changes.clear()
+    fake.runs.clear()
+    ret = states(fake).template_configured("tpl-sys-dns", PACKAGES, FILES, LINKS, BACKPORT)
+    assert ret["result"] is True
+    assert ret["changes"] == {}
+    assert fake.changes == []
+    assert fake.runs == []
+
+
+def test_template_configured_reports_changed_file(fake):
+    module = states(fake)
+    module.template_present("tpl-sys-dns", "debian-12-minimal")
+    module.template_configured("tpl-sys-dns", PACKAGES, FILES, LINKS, BACKPORT)
+    changed = {"/etc/systemd/system/dnscrypt-proxy.service": {"content": "[Unit]\nX=1\n", "mode": "0644"}}
+    ret = states(fake, test=True).template_configured("tpl-sys-dns", PACKAGES, changed, LINKS, BACKPORT)
+    assert ret["result"] is None
+    assert list(ret["changes"]) == ["files"]
+    assert ret["changes"]["files"]["/etc/systemd/system/dnscrypt-proxy.service"]["old"] is not None
+
+
+def test_qube_present_rejects_other_class(fake):
+    ret = states(fake).qube_present("sys-firewall", "debian-12-minimal", "green", klass="DispVM")
+    assert ret["result"] is False
+    assert "cannot change a qube's class" in ret["comment"]
+    assert fake.changes == []
+
+
+def test_qube_present_updates_prefs_and_features(fake):
+    ret = states(fake).qube_present(
+        "sys-firewall",
+        "debian-12-minimal",
+        None,
+        prefs={"autostart": True},
+        features={"service.sysdns": "1"},
+    )
+    assert ret["result"] is True
+    assert ret["changes"]["prefs"] == {"autostart": {"old": None, "new": True}}
+    assert ret["changes"]["features"] == {"service.sysdns": {"old": None, "new": "1"}}
+
+
+def test_qube_present_shuts_down_for_new_template(fake):
+    ret = states(fake).qube_present("sys-firewall", "debian-12-xfce", None)
+    assert ret["result"] is True
+    assert ("shutdown", "sys-firewall") in fake.changes
+    assert fake.qubes["sys-firewall"]["template"] == "debian-12-xfce"
+
+
+def test_running_starts_halted(fake):
+    fake.qubes["sys-net"]["state"] = "Halted"
+    ret = states(fake).running("sys-net")
+    assert ret["changes"] == {"state": {"old": "Halted", "new": "Running"}}
+    assert ("start", "sys-net") in fake.changes
+
+
+def test_mod_watch_restarts_running(fake):
+    ret = states(fake).mod_watch("sys-net", sfun="running")
+    assert ret["result"] is True
+    assert ("restart", "sys-net") in fake.changes
+
+
+def test_mod_watch_test_mode(fake):
+    ret = states(fake, test=True).mod_watch("sys-net", sfun="running")
+    assert ret["result"] is None
+    assert fake.changes == []
+
+
+def test_config_applied_restores_hand_edit(fake):
+    for ret in build_sequence(states(fake)):
+        assert ret["result"] is True, ret["comment"]
+    fake.config_files["sys-dns"]["dnscrypt-proxy.toml"] = "edited by hand\n"
+    fake.changes.clear()
+    ret = states(fake).config_applied("sys-dns", CONFIG)
+    assert list(ret["changes"]) == ["files"]
+    assert list(ret["changes"]["files"]) == ["dnscrypt-proxy.toml"]
+    assert ("install-config", "sys-dns") in fake.changes
+
+
+def test_config_applied_restarts_stopped_service(fake):
+    build_sequence(states(fake))
+    fake.service_state["sys-dns"] = ("failed", "loaded", "present")
+    ret = states(fake).config_applied("sys-dns", CONFIG)
+    assert ret["changes"] == {"service": {"old": "failed", "new": "active"}}
+
+
+def test_config_applied_halted_uses_record(fake):
+    build_sequence(states(fake))
+    fake.qubes["sys-dns"]["state"] = "Halted"
+    fake.changes.clear()
+    fake.runs.clear()
+    ret = states(fake).config_applied("sys-dns", CONFIG)
+    assert ret["changes"] == {}
+    assert fake.runs == []
+
+
+def test_config_applied_failure_keeps_record(fake):
+    build_sequence(states(fake))
+    fake.fail_commands["/usr/lib/sysdns/install-config"] = "dnscrypt-proxy rejected the new configuration"
+    record = fake.features_of["sys-dns"]["sysdns.config"]
+    ret = states(fake).config_applied("sys-dns", dict(CONFIG, **{"dnscrypt-proxy.toml": "bad\n"}))
+    assert ret["result"] is False
+    assert "rejected" in ret["comment"]
+    assert fake.features_of["sys-dns"]["sysdns.config"] == record
+
+
+def test_netvm_refuses_whonix(fake):
+    ret = states(fake).netvm("sys-whonix", "sys-dns")
+    assert ret["result"] is False
+    assert "Whonix keeps its Tor chain" in ret["comment"]
+    assert fake.changes == []
+
+
+def test_netvm_records_previous_once(fake):
+    fake.qubes["sys-dns"] = qube("sys-dns", state="Running", netvm="sys-net")
+    ret = states(fake).netvm("sys-firewall", "sys-dns")
+    assert ret["changes"]["netvm"] == {"old": "sys-net", "new": "sys-dns"}
+    assert fake.features_of["sys-firewall"]["sysdns.previous-netvm"] == "sys-net"
+    states(fake).netvm("sys-firewall", "sys-net")
+    ret = states(fake).netvm("sys-firewall", "sys-dns")
+    assert "features" not in ret["changes"]
+    assert fake.features_of["sys-firewall"]["sysdns.previous-netvm"] == "sys-net"
+
+
+def test_netvm_missing_qube(fake):
+    ret = states(fake).netvm("work", "sys-dns")
+    assert ret["result"] is False
+    assert "qube work not found" in ret["comment"]
+
+
+def test_test_mode_predicts_real_changes(fake):
+    predicted = build_sequence(states(fake, test=True))
+    assert fake.changes == []
+    applied = build_sequence(states(fake))
+    for test_ret, real_ret in zip(predicted, applied):
+        assert real_ret["result"] is True, real_ret["comment"]
+        assert test_ret["result"] is None, test_ret["name"]
+        assert test_ret["changes"] == real_ret["changes"], test_ret["name"]
+
+
+def test_second_build_reports_no_changes(fake):
+    build_sequence(states(fake))
+    fake.changes.clear()
+    for ret in build_sequence(states(fake)):
+        assert ret["result"] is True, ret["comment"]
+        assert ret["changes"] == {}, ret["name"]
+    assert fake.changes == []
