@@ -33,9 +33,9 @@ def _finish(name, claim, problems):
     return ret
 
 
-def _window(qube, clients, names):
+def _window(qube, clients, dns_names):
     return __salt__["sysdns.measure"](
-        qube=qube, clients=clients, names=names, start_clients=not __opts__["test"]
+        qube=qube, clients=clients, names=dns_names, start_clients=not __opts__["test"]
     )
 
 
@@ -55,7 +55,7 @@ def chain(name, netvm="sys-net", rewired=("sys-firewall",)):
     return _finish(name, claim, outcome["problems"])
 
 
-def clients_resolve(name, clients, names):
+def clients_resolve(name, clients, dns_names):
     """
     Check that every client qube that exists resolves every test name.
 
@@ -63,38 +63,38 @@ def clients_resolve(name, clients, names):
         The DNS service qube.
     clients
         Client qube names.
-    names
-        DNS names each client must resolve.
+    dns_names
+        DNS names each client must resolve (Salt reserves the argument ``names``).
     """
     claim = "clients resolve through {}".format(name)
     try:
-        window = _window(name, clients, names)
+        window = _window(name, clients, dns_names)
     except (CommandExecutionError, SaltInvocationError) as exc:
         return _finish(name, claim, [str(exc)])
     return _finish(name, claim, __salt__["sysdns.check_resolve"](window))
 
 
-def no_plaintext_leak(name, clients, names):
+def no_plaintext_leak(name, clients, dns_names):
     """
     Check that no plaintext port-53 packet left ``name`` through its uplink during the
     test window, and that the window's queries passed through its redirect.
     """
     claim = "no plaintext DNS leaves {}".format(name)
     try:
-        window = _window(name, clients, names)
+        window = _window(name, clients, dns_names)
     except (CommandExecutionError, SaltInvocationError) as exc:
         return _finish(name, claim, [str(exc)])
     return _finish(name, claim, __salt__["sysdns.check_no_plaintext"](window))
 
 
-def upstream_encrypted(name, clients, names):
+def upstream_encrypted(name, clients, dns_names):
     """
     Check that dnscrypt-proxy in ``name`` exchanged packets with its encrypted upstream
     resolvers during the test window.
     """
     claim = "dnscrypt-proxy in {} holds encrypted upstream sessions".format(name)
     try:
-        window = _window(name, clients, names)
+        window = _window(name, clients, dns_names)
     except (CommandExecutionError, SaltInvocationError) as exc:
         return _finish(name, claim, [str(exc)])
     return _finish(name, claim, __salt__["sysdns.check_upstream"](window))

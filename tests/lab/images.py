@@ -63,7 +63,9 @@ DEFAULT_CACHE = Path("/var/cache/sysdns-lab")
 DEBIAN_URL = "http://deb.debian.org/debian"
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 ARCH = "amd64"
-DEBOOTSTRAP_INCLUDE = ("systemd", "systemd-sysv", "dbus", "iproute2")
+# netbase provides /etc/protocols, without which nft cannot parse the protocol names
+# (such as ipv6-icmp) in Qubes' own qubes-ipv6.nft; Qubes' minimal templates have it.
+DEBOOTSTRAP_INCLUDE = ("systemd", "systemd-sysv", "dbus", "iproute2", "netbase")
 
 # Debian release numbers as they appear in apt's "Inst" lines ("Debian:12.12/...").
 SUITE_RELEASES = {"bookworm": "12", "trixie": "13"}

@@ -19,9 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from .layout import RunLayout
+from .layout import REPO_DIR, RunLayout
 
-DEFAULT_SALT_CALL = Path("/work/venv/bin/salt-call")
+# The project's virtual environment, made by `make deps`, holds the Salt that the
+# lab's dom0 runs.
+DEFAULT_SALT_CALL = REPO_DIR / ".venv" / "bin" / "salt-call"
 SALT_CALL_ENV = "SYSDNS_LAB_SALT_CALL"
 
 
@@ -35,8 +37,8 @@ def find_salt_call():
     if found:
         return found
     raise FileNotFoundError(
-        f"salt-call not found: set {SALT_CALL_ENV}, or create /work/venv with "
-        "`pip install 'salt==3007.*'`")
+        f"salt-call not found: set {SALT_CALL_ENV}, or run `make deps` to create "
+        f"{DEFAULT_SALT_CALL}")
 
 
 def parse_args(argv):

@@ -18,19 +18,19 @@
   sysdns_check.clients_resolve:
     - name: {{ qube }}
     - clients: {{ clients | json }}
-    - names: {{ names | json }}
+    - dns_names: {{ names | json }}
 
 "qubes.tests.sys-dns - no plaintext DNS leaves {{ qube }}":
   sysdns_check.no_plaintext_leak:
     - name: {{ qube }}
     - clients: {{ clients | json }}
-    - names: {{ names | json }}
+    - dns_names: {{ names | json }}
 
 "qubes.tests.sys-dns - encrypted upstream sessions":
   sysdns_check.upstream_encrypted:
     - name: {{ qube }}
     - clients: {{ clients | json }}
-    - names: {{ names | json }}
+    - dns_names: {{ names | json }}
 
 "qubes.tests.sys-dns - summary":
   sysdns_check.summary
