@@ -23,7 +23,9 @@ __virtualname__ = "sysdns_qvm"
 
 # Properties read for every qube in one qvm-ls call. qvm-ls accepts any qube property
 # as a field and prints "-" for None, an empty value or a property the class lacks
-# (qubesadmin/tools/qvm_ls.py, Column.cell, qubes-core-admin-client 4.2).
+# (qubesadmin/tools/qvm_ls.py, Column.cell, qubes-core-admin-client 4.2). Its own
+# columns win over properties of the same name: MEMORY is the memory a running qube
+# uses now, not the memory property, which get_pref reads instead.
 QUBE_FIELDS = (
     "name",
     "class",
@@ -33,7 +35,6 @@ QUBE_FIELDS = (
     "label",
     "provides_network",
     "autostart",
-    "memory",
     "maxmem",
     "vcpus",
     "template_for_dispvms",
@@ -41,7 +42,7 @@ QUBE_FIELDS = (
     "ip",
 )
 BOOL_FIELDS = frozenset({"provides_network", "autostart", "template_for_dispvms"})
-INT_FIELDS = frozenset({"memory", "maxmem", "vcpus"})
+INT_FIELDS = frozenset({"memory", "maxmem", "vcpus", "qrexec_timeout", "shutdown_timeout"})
 
 REQUIRED_TOOLS = ("qvm-ls", "qvm-prefs", "qvm-features", "qvm-run", "qvm-start")
 
@@ -197,6 +198,22 @@ def features(name, refresh=False):
     key = "sysdns_qvm.features." + name
     if refresh or key not in __context__:
         __context__[key] = parse_qvm_features(_call(["qvm-features", name])["stdout"])
+    return __context__[key]
+
+
+def get_pref(name, prop, refresh=False):
+    """
+    Return one property of a qube read with ``qvm-prefs``, typed like list_qubes rows.
+
+    name
+        Qube name.
+    prop
+        Property name, e.g. ``memory``.
+    """
+    key = "sysdns_qvm.pref.{}.{}".format(name, prop)
+    if refresh or key not in __context__:
+        raw = _call(["qvm-prefs", name, prop])["stdout"].strip()
+        __context__[key] = _parse_value(prop, raw if raw else "-")
     return __context__[key]
 
 

@@ -258,10 +258,16 @@ def _debian_backport_files(name, release, mirror):
     return {path: {"content": content, "mode": "{:04o}".format(mode)} for path, (content, mode) in rendered.items()}
 
 
-def _compare_prefs(qube, prefs):
+def _compare_prefs(name, qube, prefs):
     changes = {}
     for prop, value in sorted(prefs.items()):
-        have = qube.get(prop) if qube else None
+        if qube is None:
+            have = None
+        elif prop in qube:
+            have = qube[prop]
+        else:
+            # Properties qvm-ls cannot print, such as memory, cost one qvm-prefs call.
+            have = __salt__["sysdns_qvm.get_pref"](name, prop)
         if have != value:
             changes[prop] = {"old": have, "new": value}
     return changes
@@ -315,7 +321,7 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
             prefs = dict(prefs, template=template, label=label)
             have_features = __salt__["sysdns_qvm.features"](name)
 
-        pref_changes = _compare_prefs(qube, prefs)
+        pref_changes = _compare_prefs(name, qube, prefs)
         if pref_changes:
             changes["prefs"] = pref_changes
         feature_changes = {

@@ -72,6 +72,10 @@ class FakeQubes:
     def get_qube(self, name, refresh=False):
         return copy.deepcopy(self.qubes.get(name))
 
+    def get_pref(self, name, prop, refresh=False):
+        self._require(name)
+        return self.qubes[name].get(prop)
+
     def is_running(self, name, refresh=False):
         return name in self.qubes and self.qubes[name]["state"] == "Running"
 
@@ -165,7 +169,7 @@ class FakeQubes:
     def salt_functions(self):
         """Return a __salt__ dict that routes sysdns_qvm.* to this fake."""
         names = (
-            "list_qubes get_qube is_running features json_feature set_pref set_feature "
+            "list_qubes get_qube get_pref is_running features json_feature set_pref set_feature "
             "set_json_feature create clone start shutdown restart pack_files run"
         ).split()
         functions = {"sysdns_qvm." + name: getattr(self, name) for name in names}
