@@ -20,12 +20,18 @@ __virtualname__ = "sysdns"
 # Named counters of the table written by sysdns_config.render_nft_ruleset.
 COUNTER_NAMES = ("redirected", "forwarded", "leak_dropped", "leaked", "upstream_replies")
 COUNTERS_COMMAND = "nft list counters table inet sysdns"
+PROBE_COMMAND = "/usr/lib/sysdns/probe-upstream"
+# DNS response codes that only an upstream server's answer produces for a name no
+# cache holds; dnscrypt-proxy answers SERVFAIL (2) when no server replied.
+UPSTREAM_RCODES = {0: "NOERROR", 3: "NXDOMAIN"}
 
 # Reads one name per line on stdin and prints "ok NAME ADDRESS..." or "fail NAME EXIT".
-# getent exits 2 for a name that does not exist (getent(1)).
+# getent exits 2 for a name that does not exist (getent(1)); timeout exits 124 when a
+# lookup takes longer than LOOKUP_TIMEOUT_S, which bounds a window with a dead resolver.
+LOOKUP_TIMEOUT_S = 5
 RESOLVE_COMMAND = (
     'while read -r name; do '
-    'if out=$(getent hosts "$name"); then echo "ok $name" $out; '
+    'if out=$(timeout ' + str(LOOKUP_TIMEOUT_S) + ' getent hosts "$name"); then echo "ok $name" $out; '
     'else echo "fail $name $?"; fi; done'
 )
 
@@ -65,6 +71,15 @@ def read_counters(qube):
             )
         )
     return counters
+
+
+def parse_probe_output(result):
+    """Return the response code printed by PROBE_COMMAND, or None when there was none."""
+    for line in (result.get("stdout") or "").splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "rcode" and words[1].isdigit():
+            return int(words[1])
+    return None
 
 
 def parse_resolve_output(output):
@@ -116,9 +131,10 @@ def measure(qube="sys-dns", clients=("personal", "work", "pro", "untrusted"), na
     Run one test window and return what it saw: the counters of ``qube`` before and
     after, and for each client the result of resolving each name.
 
-    Each client also resolves one random name under the first test name, so that
-    dnscrypt-proxy has to ask an upstream server during the window (its cache cannot
-    answer a name never asked before). The result is cached for the rest of the run.
+    Each client also resolves one random name under the first test name, and sys-dns
+    itself asks dnscrypt-proxy for another one over TCP (PROBE_COMMAND), so that
+    dnscrypt-proxy has to ask an upstream server during the window: its cache cannot
+    answer a name never asked before. The result is cached for the rest of the run.
 
     qube
         The DNS service qube.
@@ -155,6 +171,10 @@ def measure(qube="sys-dns", clients=("personal", "work", "pro", "untrusted"), na
             name: {"ok": parsed.get(name, (False, ""))[0], "detail": parsed.get(name, (False, "no output; exit code {}".format(result["retcode"])))[1]}
             for name in names
         }
+    upstream_probe = "sysdns-probe-{}.{}".format(uuid.uuid4().hex[:12], names[0])
+    probe_result = __salt__["sysdns_qvm.run"](
+        qube, PROBE_COMMAND, stdin=upstream_probe + "\n", autostart=False, check=False, timeout=60
+    )
     after = read_counters(qube)
 
     window = {
@@ -166,6 +186,8 @@ def measure(qube="sys-dns", clients=("personal", "work", "pro", "untrusted"), na
         "skipped": skipped,
         "lookups": lookups,
         "probe": probe,
+        "upstream_probe": upstream_probe,
+        "upstream_rcode": parse_probe_output(probe_result),
     }
     __context__[key] = window
     return window
@@ -218,13 +240,25 @@ def check_no_plaintext(window):
 
 
 def check_upstream(window):
-    """Return problems with encrypted upstream sessions in a measured window."""
+    """
+    Return problems with encrypted upstream sessions in a measured window.
+
+    dnscrypt-proxy must have answered the random name of the upstream probe with a
+    code that only an upstream answer gives, and packets must have come back from the
+    resolvers of its stamps during the window.
+    """
     problems = []
-    delta = window["delta"]
-    if delta["upstream_replies"] <= 0:
+    rcode = window["upstream_rcode"]
+    if rcode not in UPSTREAM_RCODES:
+        seen = "no answer" if rcode is None else "response code {}".format(rcode)
+        problems.append(
+            "{}: dnscrypt-proxy got no upstream answer for the random name {} (expected "
+            "NOERROR or NXDOMAIN, got {}); check that sys-net is connected and the "
+            "clock is right".format(window["qube"], window["upstream_probe"], seen)
+        )
+    if window["delta"]["upstream_replies"] <= 0:
         problems.append(
             "{}: no packet came back from an upstream resolver during the test window "
-            "(expected replies to the random name {}); check that sys-net is connected "
-            "and the clock is right".format(window["qube"], window["probe"])
+            "(expected at least one)".format(window["qube"])
         )
     return problems

@@ -31,6 +31,7 @@ class CheckQubes(FakeQubes):
         super().__init__(qubes)
         self.counters_sequence = list(counters_sequence)
         self.resolvable = set(resolvable)
+        self.probe_rcode = 3
 
     def run(self, name, command, user="root", stdin=None, autostart=True, timeout=900, check=True):
         self.runs.append((name, command, stdin))
@@ -39,6 +40,8 @@ class CheckQubes(FakeQubes):
                 return {"retcode": 1, "stdout": "", "stderr": "qube not running"}
             values = self.counters_sequence.pop(0)
             return {"retcode": 0, "stdout": COUNTERS_TEMPLATE.format(**values), "stderr": ""}
+        if command.endswith("/probe-upstream"):
+            return {"retcode": 0, "stdout": "rcode {}\n".format(self.probe_rcode), "stderr": ""}
         if command.startswith("while read"):
             lines = []
             for requested in stdin.split():
@@ -114,6 +117,16 @@ def test_no_upstream_reply_fails_check():
     problems = checks(fake).check_upstream(window(fake))
     assert len(problems) == 1
     assert "no packet came back from an upstream resolver" in problems[0]
+
+
+@pytest.mark.parametrize("rcode", ["2", "none"])
+def test_probe_without_upstream_answer_fails_check(rcode):
+    fake = CheckQubes(QUBES, [counters(0, 0, 7), counters(2, 0, 9)])
+    fake.probe_rcode = rcode
+    problems = checks(fake).check_upstream(window(fake))
+    assert len(problems) == 1
+    assert "dnscrypt-proxy got no upstream answer for the random name" in problems[0]
+    assert ("response code 2" if rcode == "2" else "got no answer") in problems[0]
 
 
 def test_halted_sys_dns_raises():
