@@ -4,7 +4,7 @@ plaintext DNS leaving sys-dns, and encrypted upstream sessions of dnscrypt-proxy
 
 The checks read the named counters of the formula's nft table ``inet sysdns`` in
 sys-dns before and after one test window in which every client qube resolves the test
-names, so a counter that did not move during real traffic cannot pass for silence.
+names. A counter that did not move during real traffic cannot pass for silence.
 """
 
 import logging

@@ -46,10 +46,6 @@ INT_FIELDS = frozenset({"memory", "maxmem", "vcpus", "qrexec_timeout", "shutdown
 
 REQUIRED_TOOLS = ("qvm-ls", "qvm-prefs", "qvm-features", "qvm-run", "qvm-start")
 
-# Exit code of qvm-features when the requested feature is not set
-# (qubesadmin/tools/qvm_features.py).
-FEATURE_UNSET_EXIT = 1
-
 
 def __virtual__():
     missing = [tool for tool in REQUIRED_TOOLS if not salt.utils.path.which(tool)]

@@ -565,13 +565,17 @@ def test_updates_proxy_refuses(proxy_server: tuple[int, Path, Path], method: str
 def test_updates_proxy_logs_every_request(proxy_server: tuple[int, Path, Path]) -> None:
     port, _, log_path = proxy_server
 
-    proxy_request(port, "GET", "http://deb.debian.org/debian/dists/bookworm/InRelease")
-    proxy_request(port, "GET", "http://example.org/")
+    def wait_for_lines(count):
+        # The proxy writes a log line right after each response, from the thread that
+        # served it, so wait for one request's line before sending the next.
+        deadline = time.monotonic() + 5
+        while len(log_path.read_text().splitlines()) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
 
-    # The proxy writes a log line right after the response, so allow it a moment.
-    deadline = time.monotonic() + 5
-    while len(log_path.read_text().splitlines()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proxy_request(port, "GET", "http://deb.debian.org/debian/dists/bookworm/InRelease")
+    wait_for_lines(1)
+    proxy_request(port, "GET", "http://example.org/")
+    wait_for_lines(2)
     entries = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [(e["method"], e["url"], e["status"]) for e in entries] == [
         ("GET", "http://deb.debian.org/debian/dists/bookworm/InRelease", 200),
