@@ -1068,10 +1068,8 @@ def test_mirror_signature_verifies_with_lab_key(lab_mirror: Path) -> None:
 
 @pytest.mark.lab
 @needs_root
-def test_ensure_images_cached_call_is_fast(lab_images: dict[str, Path]) -> None:
-    started = time.monotonic()
+def test_ensure_images_cached_call_reuses_build(lab_images: dict[str, Path]) -> None:
+    # The time this takes is a figure for docs/lab.md, not a test condition.
     again = images.ensure_images()
-    elapsed = time.monotonic() - started
 
     assert again == lab_images
-    assert elapsed < 2.0
