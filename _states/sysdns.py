@@ -308,7 +308,12 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
         qube = __salt__["sysdns_qvm.get_qube"](name)
         changes = {}
         if qube is None:
-            changes["qube"] = {"old": None, "new": {"class": klass, "template": template, "label": label}}
+            # Every property of a new qube is set, even one equal to None (netvm none),
+            # because Qubes would otherwise give it the default (default_netvm).
+            changes["qube"] = {
+                "old": None,
+                "new": {"class": klass, "template": template, "label": label, "prefs": dict(prefs)},
+            }
             have_features = {}
         else:
             if qube["class"] != klass:
@@ -321,8 +326,11 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
             prefs = dict(prefs, template=template, label=label)
             have_features = __salt__["sysdns_qvm.features"](name)
 
-        pref_changes = _compare_prefs(name, qube, prefs)
-        if pref_changes:
+        if qube is None:
+            pref_changes = {prop: {"old": None, "new": value} for prop, value in prefs.items()}
+        else:
+            pref_changes = _compare_prefs(name, qube, prefs)
+        if pref_changes and qube is not None:
             changes["prefs"] = pref_changes
         feature_changes = {
             feature: {"old": have_features.get(feature), "new": value}
@@ -345,9 +353,7 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
         elif "template" in pref_changes and qube["state"] != "Halted":
             # Qubes refuses a new template for a running qube.
             __salt__["sysdns_qvm.shutdown"](name)
-        for prop, change in pref_changes.items():
-            if qube is None and prop in ("template", "label"):
-                continue
+        for prop, change in sorted(pref_changes.items()):
             __salt__["sysdns_qvm.set_pref"](name, prop, change["new"])
         for feature, change in feature_changes.items():
             __salt__["sysdns_qvm.set_feature"](name, feature, change["new"])
@@ -566,6 +572,182 @@ def netvm(name, netvm):
             __salt__["sysdns_qvm.set_feature"](name, PREVIOUS_NETVM_FEATURE, qube["netvm"] or "")
         __salt__["sysdns_qvm.set_pref"](name, "netvm", netvm)
         ret["comment"] = "Netvm of {} has been set to {}".format(name, netvm)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["changes"] = {}
+        return _fail(ret, str(exc))
+    return ret
+
+
+def _restore_plan(name, qubes):
+    """
+    Return ``{qube: changes}`` for the qubes that carry the feature
+    ``sysdns.previous-netvm``, among ``qubes`` and every qube whose netvm is ``name``.
+    """
+    candidates = list(qubes or [])
+    for client, row in sorted(__salt__["sysdns_qvm.list_qubes"]().items()):
+        if row.get("netvm") == name and client not in candidates:
+            candidates.append(client)
+
+    plan = {}
+    for client in candidates:
+        row = __salt__["sysdns_qvm.get_qube"](client)
+        if row is None:
+            continue
+        recorded = __salt__["sysdns_qvm.features"](client).get(PREVIOUS_NETVM_FEATURE)
+        if recorded is None:
+            continue
+        previous = recorded or None
+        if previous is not None and __salt__["sysdns_qvm.get_qube"](previous) is None:
+            raise CommandExecutionError(
+                "qube {} was routed through {} from {}, which no longer exists: set its "
+                "netvm yourself (qvm-prefs {} netvm QUBE) and unset the record "
+                "(qvm-features --unset {} {})".format(
+                    client, name, previous, client, client, PREVIOUS_NETVM_FEATURE
+                )
+            )
+        changes = {}
+        # A netvm changed by hand after the build is the user's choice and stays.
+        if row.get("netvm") == name:
+            changes["netvm"] = {"old": name, "new": previous}
+        changes["features"] = {PREVIOUS_NETVM_FEATURE: {"old": recorded, "new": None}}
+        plan[client] = changes
+    return plan
+
+
+def netvm_restored(name, qubes=None):
+    """
+    Ensure no qube stays routed through ``name`` by the formula: every qube that
+    carries the feature ``sysdns.previous-netvm`` gets that netvm back (an empty value
+    means no netvm), and the feature is unset.
+
+    The qubes looked at are those in ``qubes`` and every qube whose netvm is ``name``,
+    found in the one qvm-ls listing; each costs one qvm-features read. A qube whose
+    netvm was changed to something other than ``name`` after the build keeps that
+    netvm and only loses the feature. A qube routed through ``name`` without the
+    feature was wired by hand and is left alone.
+
+    NOTE: the feature stores the previous value, not whether the property was at its
+    default (the global default_netvm), so a restored netvm is set explicitly.
+
+    name
+        The qube the build routed them through, e.g. ``sys-dns``.
+    qubes
+        Qubes the build rewired (the pillar's ``sysdns:rewire``).
+
+    .. code-block:: yaml
+
+        sys-dns clients restored:
+          sysdns.netvm_restored:
+            - name: sys-dns
+            - qubes: [sys-firewall]
+    """
+    ret = _ret(name, "No qube is routed through {} by the formula".format(name))
+    try:
+        plan = _restore_plan(name, qubes)
+        if not plan:
+            return ret
+
+        ret["changes"] = plan
+        if __opts__["test"]:
+            ret["result"] = None
+            ret["comment"] = "Previous netvm of {} would have been restored".format(", ".join(sorted(plan)))
+            return ret
+
+        for client, changes in sorted(plan.items()):
+            # The netvm goes first, so that a failure leaves the record in place.
+            if "netvm" in changes:
+                __salt__["sysdns_qvm.set_pref"](client, "netvm", changes["netvm"]["new"])
+            __salt__["sysdns_qvm.set_feature"](client, PREVIOUS_NETVM_FEATURE, None)
+        ret["comment"] = "Previous netvm of {} has been restored".format(", ".join(sorted(plan)))
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["changes"] = {}
+        return _fail(ret, str(exc))
+    return ret
+
+
+def _describe_uses(uses):
+    words = []
+    for holder, prop in uses:
+        words.append("{} of {}".format(prop, holder) if holder else "global property {}".format(prop))
+    return ", ".join(words)
+
+
+def absent(name, marker=None, removed_before=None, timeout=120):
+    """
+    Ensure a qube the formula built is removed: shut down when it runs, then
+    ``qvm-remove --force``.
+
+    A qube without the feature ``marker`` was not built by the formula and is kept.
+    A qube still in use (as template, netvm or default_dispvm of another qube, or in a
+    global property) is not removed; the state fails and names the uses.
+
+    name
+        Qube name.
+    marker
+        Feature the formula set on the qube, e.g. ``sysdns.template``; None removes
+        the qube whatever its features.
+    removed_before
+        Qubes that earlier states of the same run remove. A test run, which removes
+        nothing, ignores their uses of this qube, and also the netvm of qubes that
+        carry ``sysdns.previous-netvm`` (``netvm_restored`` rewires them first).
+    timeout
+        Seconds to wait for the shutdown.
+
+    .. code-block:: yaml
+
+        tpl-sys-dns absent:
+          sysdns.absent:
+            - name: tpl-sys-dns
+            - marker: sysdns.template
+            - removed_before: [sys-dns]
+    """
+    ret = _ret(name, "Qube {} is absent".format(name))
+    try:
+        qube = __salt__["sysdns_qvm.get_qube"](name)
+        if qube is None:
+            return ret
+        if marker and __salt__["sysdns_qvm.features"](name).get(marker) is None:
+            ret["comment"] = "Qube {} is kept: it lacks the feature {}, so the formula did not build it".format(
+                name, marker
+            )
+            return ret
+
+        uses = __salt__["sysdns_qvm.dependents"](name)
+        if __opts__["test"]:
+            skipped = set(removed_before or ())
+            uses = [
+                (holder, prop)
+                for holder, prop in uses
+                if holder not in skipped
+                and not (
+                    holder is not None
+                    and prop == "netvm"
+                    and PREVIOUS_NETVM_FEATURE in __salt__["sysdns_qvm.features"](holder)
+                )
+            ]
+        if uses:
+            return _fail(
+                ret,
+                "qube {} is not removed because it is still in use as {}: change those "
+                "properties first (qvm-prefs, qubes-prefs), or set "
+                "sysdns:rollback:remove_qubes to false".format(name, _describe_uses(uses)),
+            )
+
+        ret["changes"] = {
+            "qube": {
+                "old": {"class": qube["class"], "template": qube.get("template"), "state": qube["state"]},
+                "new": None,
+            }
+        }
+        if __opts__["test"]:
+            ret["result"] = None
+            ret["comment"] = "Qube {} would have been removed".format(name)
+            return ret
+
+        if qube["state"] != "Halted":
+            __salt__["sysdns_qvm.shutdown"](name, timeout=timeout)
+        __salt__["sysdns_qvm.remove"](name)
+        ret["comment"] = "Qube {} has been removed".format(name)
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["changes"] = {}
         return _fail(ret, str(exc))

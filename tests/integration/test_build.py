@@ -114,3 +114,27 @@ def test_build_from_fresh_lab(fresh_lab, template):
         observation = observer.stop()
     assert any(name in endpoint for name in ENCRYPTED_ENDPOINTS), endpoint
     assert observation.dns_queries == [], observation.summary()
+
+
+def test_build_disposable_sys_dns(fresh_lab):
+    """sys-dns as a named disposable: its configuration lives in its disposable template."""
+    lab = fresh_lab()
+    lab.write_pillar("sysdns", lab_pillar(lab, qube={"class": "DispVM"}))
+
+    code, applied, output = apply_sls(lab, BUILD)
+    assert applied is not None, output
+    assert failed_states(applied) == {}
+    assert code == 0
+    assert lab.qvm("qvm-ls", "--raw-data", "--fields", "class", "sys-dns").stdout.strip() == "DispVM"
+    assert lab.qvm("qvm-prefs", "sys-dns", "template").stdout.strip() == "sys-dns-dvm"
+    assert lab.qvm("qvm-prefs", "sys-dns-dvm", "template_for_dispvms").stdout.strip() == "True"
+    assert lab.qvm("qvm-prefs", "sys-dns-dvm", "netvm").stdout.strip() == ""
+
+    code, checks, output = apply_sls(lab, "qubes.tests.sys-dns")
+    assert checks is not None, output
+    assert failed_states(checks) == {}
+    assert code == 0
+
+    code, again, output = apply_sls(lab, BUILD)
+    assert code == 0, output
+    assert changes_by_state(again) == {}

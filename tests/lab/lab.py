@@ -134,6 +134,24 @@ def check_host():
             "iproute2, util-linux, tcpdump, unbound, dnsdist, openssl and dnsutils")
 
 
+# systemd in every container holds inotify instances (about eight each, counted on a
+# booted lab qube), and all containers run as root, so they share root's limit:
+# Debian 12's default of 128 lets only about 16 qubes boot, and the next ones fail
+# with "Failed to allocate manager object: Too many open files". Two labs up at once
+# (the session lab plus a fresh one) need more.
+INOTIFY_INSTANCES_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
+INOTIFY_INSTANCES_MIN = 4096
+
+
+def raise_inotify_limit():
+    """Raise the host's inotify instance limit to INOTIFY_INSTANCES_MIN if it is lower."""
+    current = int(INOTIFY_INSTANCES_SYSCTL.read_text())
+    if current < INOTIFY_INSTANCES_MIN:
+        INOTIFY_INSTANCES_SYSCTL.write_text(f"{INOTIFY_INSTANCES_MIN}\n")
+        log.info("raised fs.inotify.max_user_instances from %d to %d for the lab's "
+                 "containers", current, INOTIFY_INSTANCES_MIN)
+
+
 def new_prefix():
     return "sl" + secrets.token_hex(2)
 
@@ -172,6 +190,7 @@ class Lab:
            cache=layout_module.CACHE_DIR):
         """Create and start a lab run; on any failure tear it down and re-raise."""
         check_host()
+        raise_inotify_limit()
         prefix = prefix or new_prefix()
         layout = RunLayout.from_prefix(prefix)
         if layout.run_dir.exists() or netns_exists(layout.uplink_netns):

@@ -460,12 +460,21 @@ class Runtime:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise VMError(f"systemd-nspawn exited with code {process.returncode}"
-                              " before the container started")
+                              " before the container started" + self._console_tail(name))
             for child in self._children(process.pid):
                 if self._is_namespace_init(child):
                     return self.registry.record(child, "init", name)
             time.sleep(0.02)
         raise VMError(f"container init did not appear within {timeout} s")
+
+    def _console_tail(self, name, lines=8):
+        """Return the last lines of a qube's console log, to explain a failed boot."""
+        try:
+            text = self.console_log(name).read_text(errors="replace")
+        except OSError:
+            return ""
+        tail = text.strip().splitlines()[-lines:]
+        return ("; console: " + " | ".join(tail)) if tail else ""
 
     @staticmethod
     def _children(pid):
@@ -489,7 +498,8 @@ class Runtime:
         state = "unknown"
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise VMError(f"container exited with code {process.returncode} during boot")
+                raise VMError(f"container exited with code {process.returncode} during boot"
+                              + self._console_tail(name))
             remaining = max(1.0, deadline - time.monotonic())
             argv = self.container_argv(init_pid, ["systemctl", "is-system-running", "--wait"])
             try:

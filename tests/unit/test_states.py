@@ -8,7 +8,7 @@ BASE_QUBES = [
     qube("dom0", "AdminVM", "Running"),
     qube("debian-12-minimal", "TemplateVM"),
     qube("sys-net", "AppVM", "Running", provides_network=True),
-    qube("sys-firewall", "AppVM", "Running", netvm="sys-net", provides_network=True, template="debian-12-minimal"),
+    qube("sys-firewall", "AppVM", "Running", netvm="sys-net", provides_network=True, template="debian-12-minimal", label="green"),
     qube("personal", "AppVM", "Running", netvm="sys-firewall", template="debian-12-minimal"),
     qube("whonix-gateway-17", "TemplateVM"),
     qube("sys-whonix", "AppVM", "Running", netvm="sys-firewall", template="whonix-gateway-17", provides_network=True),
@@ -163,7 +163,7 @@ def test_qube_present_updates_prefs_and_features(fake):
     ret = states(fake).qube_present(
         "sys-firewall",
         "debian-12-minimal",
-        None,
+        "green",
         prefs={"autostart": True},
         features={"service.sysdns": "1"},
     )
@@ -173,7 +173,7 @@ def test_qube_present_updates_prefs_and_features(fake):
 
 
 def test_qube_present_shuts_down_for_new_template(fake):
-    ret = states(fake).qube_present("sys-firewall", "debian-12-xfce", None)
+    ret = states(fake).qube_present("sys-firewall", "debian-12-xfce", "green")
     assert ret["result"] is True
     assert ("shutdown", "sys-firewall") in fake.changes
     assert fake.qubes["sys-firewall"]["template"] == "debian-12-xfce"
@@ -277,3 +277,24 @@ def test_second_build_reports_no_changes(fake):
         assert ret["result"] is True, ret["comment"]
         assert ret["changes"] == {}, ret["name"]
     assert fake.changes == []
+
+
+def test_qube_present_sets_none_netvm_on_create(fake):
+    ret = states(fake).qube_present(
+        "sys-dns-dvm", "debian-12-minimal", "orange", prefs={"template_for_dispvms": True, "netvm": None}
+    )
+    assert ret["result"] is True
+    assert ret["changes"]["qube"]["new"]["prefs"] == {"template_for_dispvms": True, "netvm": None}
+    assert "prefs" not in ret["changes"]
+    assert ("set_pref", "sys-dns-dvm", "netvm", None) in fake.changes
+    again = states(fake).qube_present(
+        "sys-dns-dvm", "debian-12-minimal", "orange", prefs={"template_for_dispvms": True, "netvm": None}
+    )
+    assert again["changes"] == {}
+
+
+def test_qube_present_reads_memory_with_qvm_prefs(fake):
+    fake.qubes["sys-firewall"]["memory"] = 300
+    ret = states(fake).qube_present("sys-firewall", "debian-12-minimal", "green", prefs={"memory": 400})
+    assert ret["changes"]["prefs"] == {"memory": {"old": 300, "new": 400}}
+    assert fake.qubes["sys-firewall"]["memory"] == 400
