@@ -126,7 +126,13 @@ def chain(qube="sys-dns", netvm="sys-net", rewired=("sys-firewall",)):
     return {"ok": not problems, "problems": problems, "seen": seen}
 
 
-def measure(qube="sys-dns", clients=("personal", "work", "pro", "untrusted"), names=("qubes-os.org",), start_clients=True, refresh=False):
+def measure(
+    qube="sys-dns",
+    clients=("personal", "work", "pro", "untrusted"),
+    names=("qubes-os.org",),
+    start_clients=True,
+    refresh=False,
+):
     """
     Run one test window and return what it saw: the counters of ``qube`` before and
     after, and for each client the result of resolving each name.
@@ -168,7 +174,10 @@ def measure(qube="sys-dns", clients=("personal", "work", "pro", "untrusted"), na
         parsed = parse_resolve_output(result["stdout"])
         lookups += len(names) + 1
         results[client] = {
-            name: {"ok": parsed.get(name, (False, ""))[0], "detail": parsed.get(name, (False, "no output; exit code {}".format(result["retcode"])))[1]}
+            name: {
+                "ok": parsed.get(name, (False, ""))[0],
+                "detail": parsed.get(name, (False, "no output; exit code {}".format(result["retcode"])))[1],
+            }
             for name in names
         }
     upstream_probe = "sysdns-probe-{}.{}".format(uuid.uuid4().hex[:12], names[0])

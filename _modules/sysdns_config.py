@@ -1121,6 +1121,7 @@ _SCHEMA = _Struct(
             }
         ),
         "rewire": _List(_Scalar(_qube_name, None), MAX_REWIRE, default=["sys-firewall"]),
+        "rollback": _Struct({"remove_qubes": _Scalar(_boolean, False)}),
         "dnscrypt": _Struct(
             {
                 "resolvers": _List(
@@ -1753,7 +1754,7 @@ def validate(pillar=None):
         read (only inside the Salt loader).
 
     Returns a dict with every default filled in: ``template``, ``qube``,
-    ``rewire``, ``dnscrypt`` and ``tests`` (see ``pillar.example``).
+    ``rewire``, ``rollback``, ``dnscrypt`` and ``tests`` (see ``pillar.example``).
 
     Raises SaltInvocationError listing every invalid value.
 
@@ -2295,6 +2296,64 @@ WantedBy=multi-user.target
 """
 
 
+GUARD_RULESET_PATH = "/usr/lib/sysdns/guard.nft"
+
+# A fixed table, loaded at boot from the template whatever the site configuration, so
+# that DNS fails closed when the table inet sysdns is missing (a ruleset that failed to
+# load, a file removed from /rw): without the redirect, Qubes' dnat-dns would forward
+# downstream queries to sys-net in plaintext. Redirected queries reach dnscrypt-proxy
+# on the input path and never pass the forward hook; only dnscrypt-proxy itself sends
+# port-53 traffic to the uplink (forwarding rules, opted-in bootstrap), and the table
+# inet sysdns narrows that to the pillar's addresses.
+_GUARD_RULESET = f"""#!/usr/sbin/nft -f
+# Fail-closed DNS guard of sys-dns. Written by {FORMULA}; edits are overwritten
+# when the template is updated.
+table inet sysdns_guard
+delete table inet sysdns_guard
+table inet sysdns_guard {{
+\tcounter forward_dropped {{
+\t}}
+\tcounter output_dropped {{
+\t}}
+\tchain forward {{
+\t\tcomment "no DNS forwarded through sys-dns: downstream DNS must be redirected"
+\t\ttype filter hook forward priority filter - 5; policy accept;
+\t\tmeta l4proto {{ tcp, udp }} th dport 53 counter name "forward_dropped" drop
+\t}}
+\tchain output {{
+\t\tcomment "no plaintext DNS from sys-dns itself except dnscrypt-proxy's"
+\t\ttype filter hook output priority filter - 5; policy accept;
+\t\toifgroup {_UPLINK_GROUP} meta l4proto {{ tcp, udp }} th dport 53 meta skuid != "_dnscrypt-proxy" counter name "output_dropped" drop
+\t}}
+}}
+"""
+
+_GUARD_UNIT = f"""# Loads the fail-closed DNS guard of sys-dns before the network comes up.
+# Written by {FORMULA}; edits are overwritten.
+[Unit]
+Description=sysdns guard: drop DNS that bypasses dnscrypt-proxy ({FORMULA})
+ConditionPathExists={SERVICE_FLAG_PATH}
+DefaultDependencies=no
+# qubes-sysinit.service creates /run/qubes-service (vm-systemd/qubes-sysinit.sh).
+After=qubes-sysinit.service
+Before=network-pre.target sysdns-firewall.service dnscrypt-proxy.service
+Wants=network-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/sbin/nft -f {GUARD_RULESET_PATH}
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def render_guard_ruleset():
+    """Return the fixed fail-closed nft table ``inet sysdns_guard`` of sys-dns."""
+    return _GUARD_RULESET
+
+
 def render_template_files(cfg=None):
     """
     Render the files the formula installs into the template of sys-dns.
@@ -2312,6 +2371,8 @@ def render_template_files(cfg=None):
     return {
         f"{UNIT_DIR}/dnscrypt-proxy.service": (_DNSCRYPT_UNIT, 0o644),
         f"{UNIT_DIR}/sysdns-firewall.service": (_FIREWALL_UNIT, 0o644),
+        f"{UNIT_DIR}/sysdns-guard.service": (_GUARD_UNIT, 0o644),
+        GUARD_RULESET_PATH: (_GUARD_RULESET, 0o644),
         APPLY_SCRIPT_PATH: (render_firewall_apply_script(), 0o755),
     }
 
@@ -2333,6 +2394,7 @@ def render_template_links():
         "wants": {
             f"{wants_dir}/dnscrypt-proxy.service": f"{UNIT_DIR}/dnscrypt-proxy.service",
             f"{wants_dir}/sysdns-firewall.service": f"{UNIT_DIR}/sysdns-firewall.service",
+            f"{wants_dir}/sysdns-guard.service": f"{UNIT_DIR}/sysdns-guard.service",
         },
     }
 

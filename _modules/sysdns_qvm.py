@@ -306,21 +306,32 @@ def start(name):
     _forget()
 
 
-def shutdown(name, timeout=120):
+def shutdown(name, timeout=120, force=False):
     """
     Shut a qube down and wait until it has halted.
 
     timeout
         Seconds to wait before qvm-shutdown gives up.
+    force
+        Shut down a netvm even while qubes are connected to it (qvm-shutdown --force).
     """
-    _call(["qvm-shutdown", "--wait", "--timeout", str(int(timeout)), name], timeout=timeout + 30)
+    argv = ["qvm-shutdown", "--wait", "--timeout", str(int(timeout))]
+    if force:
+        argv.append("--force")
+    _call(argv + [name], timeout=timeout + 30)
     log.info("sysdns_qvm: shut down %s", name)
     _forget()
 
 
 def restart(name, timeout=120):
-    """Shut a qube down, wait, and start it again."""
-    shutdown(name, timeout=timeout)
+    """
+    Shut a qube down, wait, and start it again.
+
+    Qubes refuses to shut down a netvm whose downstream qubes run, and attaches them
+    again when the netvm starts (qubes/vm/mix/net.py, qubes-core-admin 4.2), so the
+    shutdown is forced: downstream qubes lose DNS and network only until the start.
+    """
+    shutdown(name, timeout=timeout, force=True)
     start(name)
 
 
@@ -396,3 +407,79 @@ def json_feature(name, feature):
     except ValueError:
         log.warning("sysdns_qvm: feature %s of qube %s is not valid JSON; ignoring it", feature, name)
         return None
+
+
+# Global properties that name a qube; qvm-remove fails while one of them names the
+# qube to remove (qubesadmin/utils.py vm_dependencies, qubes-core-admin-client 4.2).
+GLOBAL_QUBE_PROPERTIES = (
+    "clockvm",
+    "default_audiovm",
+    "default_dispvm",
+    "default_guivm",
+    "default_netvm",
+    "default_template",
+    "management_dispvm",
+    "updatevm",
+)
+# Properties of a qube, read by list_qubes, that can name another qube.
+QUBE_REFERENCE_FIELDS = ("template", "netvm", "default_dispvm")
+
+
+def parse_qubes_prefs(output):
+    """
+    Parse the table that ``qubes-prefs`` prints (name, "-" or "D", value) into a dict.
+
+    A value of "None" or an empty value becomes None.
+    """
+    prefs = {}
+    for line in output.splitlines():
+        words = line.split(None, 2)
+        if len(words) < 2:
+            continue
+        value = words[2].strip() if len(words) == 3 else ""
+        prefs[words[0]] = None if value in ("", "None") else value
+    return prefs
+
+
+def dependents(name):
+    """
+    Return the properties that still name a qube, as ``[(holder, property)]`` pairs,
+    holder None for a global property.
+
+    Reads the cached qvm-ls listing and one ``qubes-prefs`` call. Properties outside
+    QUBE_REFERENCE_FIELDS and GLOBAL_QUBE_PROPERTIES (audiovm, guivm of single qubes)
+    are not checked, so qvm-remove may still fail for them.
+
+    name
+        Qube name.
+    """
+    found = []
+    for holder, row in sorted(list_qubes().items()):
+        if holder == name:
+            continue
+        for prop in QUBE_REFERENCE_FIELDS:
+            if row.get(prop) == name:
+                found.append((holder, prop))
+    key = "sysdns_qvm.global_prefs"
+    if key not in __context__:
+        __context__[key] = parse_qubes_prefs(_call(["qubes-prefs"])["stdout"])
+    for prop in GLOBAL_QUBE_PROPERTIES:
+        if __context__[key].get(prop) == name:
+            found.append((None, prop))
+    return found
+
+
+def remove(name):
+    """
+    Remove a halted qube with ``qvm-remove --force`` (no confirmation prompt).
+
+    Qubes rejects the removal of a running qube and of a qube that another qube or a
+    global property still uses (as template, netvm, default_dispvm...). The error is
+    raised as CommandExecutionError with qvm-remove's list of those uses.
+
+    name
+        Qube name.
+    """
+    _call(["qvm-remove", "--force", name], timeout=600)
+    log.info("sysdns_qvm: removed %s", name)
+    _forget()

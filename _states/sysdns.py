@@ -35,6 +35,8 @@ TEMPLATE_SETUP_COMMAND = (
 INSTALL_CONFIG_COMMAND = HELPER_DIR + "/install-config"
 STORE_CONFIG_COMMAND = "SYSDNS_STORE_ONLY=1 " + INSTALL_CONFIG_COMMAND
 REPORT_COMMAND = HELPER_DIR + "/report"
+# Last line setup-template prints; without it the template setup did not finish.
+TEMPLATE_SETUP_DONE = "sysdns: template setup complete"
 
 WHONIX_FEATURES = ("whonix-gw", "whonix-ws")
 
@@ -231,7 +233,13 @@ def template_configured(name, packages, files, links=None, debian_backport=True)
             archive_files.update(_debian_backport_files(name, release, mirror))
 
         archive = __salt__["sysdns_qvm.pack_files"](archive_files, links)
-        __salt__["sysdns_qvm.run"](name, TEMPLATE_SETUP_COMMAND, stdin=archive, timeout=1800)
+        setup = __salt__["sysdns_qvm.run"](name, TEMPLATE_SETUP_COMMAND, stdin=archive, timeout=1800)
+        if TEMPLATE_SETUP_DONE not in setup["stdout"]:
+            raise CommandExecutionError(
+                "template {}: the package and unit setup did not finish (the qube may have "
+                "been shut down or killed during it); run the state again. Its last "
+                "output: {}".format(name, (setup["stdout"] + setup["stderr"]).strip()[-1000:] or "(none)")
+            )
         __salt__["sysdns_qvm.shutdown"](name)
         __salt__["sysdns_qvm.set_json_feature"](name, TEMPLATE_FEATURE, wanted)
         ret["comment"] = "Template {} has been updated and shut down".format(name)
@@ -422,7 +430,7 @@ def mod_watch(name, sfun=None, restart_on_change=True, **kwargs):
 
 def parse_report(output):
     """Parse the output of the report helper into a dict."""
-    report = {"files": {}, "service": None, "firewall": None, "input-accept": None}
+    report = {"files": {}, "service": None, "firewall": None, "guard": None, "input-accept": None}
     for line in output.splitlines():
         words = line.split()
         if len(words) == 3 and words[0] == "file":
@@ -432,16 +440,28 @@ def parse_report(output):
     return report
 
 
+def _service_changes(report):
+    changes = {}
+    for key, good in (("service", "active"), ("firewall", "loaded"), ("guard", "loaded"), ("input-accept", "present")):
+        if report.get(key) != good:
+            changes[key] = {"old": report[key], "new": good}
+    return changes
+
+
+def _read_report(name):
+    return parse_report(__salt__["sysdns_qvm.run"](name, REPORT_COMMAND, autostart=False)["stdout"])
+
+
 def config_applied(name, files, restart_qube=None):
     """
     Ensure sys-dns's configuration in /rw/config/sysdns matches ``files``, that the
     firewall is loaded and that dnscrypt-proxy runs with it.
 
-    A running qube is checked for real (files by SHA-256, service, nft table), so hand
-    edits are found and restored; for a halted qube the record in its feature
-    ``sysdns.config`` stands in. New files replace the old ones only after the qube's
-    ``dnscrypt-proxy -check`` and ``nft -c`` accept them, and dnscrypt-proxy restarts
-    without a restart of the qube.
+    A running sys-dns is checked for real (files by SHA-256, service, nft table), so
+    hand edits are found and restored. For a halted qube, the record in the feature
+    ``sysdns.config`` replaces that reading. New files replace the old ones only after
+    the qube's ``dnscrypt-proxy -check`` and ``nft -c`` accept them, and in an AppVM
+    dnscrypt-proxy restarts without a restart of the qube.
 
     name
         The qube whose /rw holds the configuration: sys-dns itself, or for a named
@@ -449,29 +469,32 @@ def config_applied(name, files, restart_qube=None):
     files
         ``{filename: content}`` for /rw/config/sysdns.
     restart_qube
-        A named disposable to restart after its disposable template got a new
-        configuration.
+        The named disposable that runs the configuration stored in ``name``. When it
+        runs an outdated configuration, it is restarted (forced, since downstream
+        qubes are connected to it; Qubes attaches them again when it starts).
     """
     ret = _ret(name, "Configuration of {} is up to date and dnscrypt-proxy runs".format(name))
     try:
         wanted = {filename: _sha256(content) for filename, content in files.items()}
         qube = __salt__["sysdns_qvm.get_qube"](name)
-        running_now = bool(qube) and qube["state"] == "Running"
         holds_service = restart_qube is None
+        recorded = __salt__["sysdns_qvm.json_feature"](name, CONFIG_FEATURE) if qube else None
 
-        if running_now and holds_service:
-            report = parse_report(
-                __salt__["sysdns_qvm.run"](name, REPORT_COMMAND, autostart=False)["stdout"]
-            )
+        # The files to compare are those the service runs with: sys-dns's own, or for a
+        # named disposable those of the running disposable.
+        service_qube = name if holds_service else restart_qube
+        report = None
+        if __salt__["sysdns_qvm.is_running"](service_qube):
+            report = _read_report(service_qube)
             have = report["files"]
-        else:
-            report = None
-            recorded = __salt__["sysdns_qvm.json_feature"](name, CONFIG_FEATURE) if qube else None
+        elif holds_service:
             have = recorded or {}
-            if recorded is None and holds_service:
+            if recorded is None:
                 # Never configured: once started, the qube will show what a fresh
-                # template gives, a stopped service and no firewall.
-                report = {"service": "inactive", "firewall": "missing", "input-accept": "missing"}
+                # template gives: the guard, but a stopped service and no firewall.
+                report = {"service": "inactive", "firewall": "missing", "guard": "loaded", "input-accept": "missing"}
+        else:
+            have = recorded or {}
 
         changes = {}
         file_changes = {
@@ -481,10 +504,11 @@ def config_applied(name, files, restart_qube=None):
         }
         if file_changes:
             changes["files"] = file_changes
-        if report is not None and holds_service:
-            for key, good in (("service", "active"), ("firewall", "loaded"), ("input-accept", "present")):
-                if report[key] != good:
-                    changes[key] = {"old": report[key], "new": good}
+        if report is not None:
+            changes.update(_service_changes(report))
+        store_needed = not holds_service and recorded != wanted
+        if store_needed and not file_changes:
+            changes["stored"] = {"old": recorded, "new": wanted}
         if not changes:
             return ret
 
@@ -499,14 +523,16 @@ def config_applied(name, files, restart_qube=None):
         )
         if holds_service:
             __salt__["sysdns_qvm.run"](name, INSTALL_CONFIG_COMMAND, stdin=archive, timeout=300)
+            __salt__["sysdns_qvm.set_json_feature"](name, CONFIG_FEATURE, wanted)
         else:
-            # A disposable template only stores the files, and its named disposable
-            # starts from the private volume of its last shutdown.
-            __salt__["sysdns_qvm.run"](name, STORE_CONFIG_COMMAND, stdin=archive, timeout=300)
-            __salt__["sysdns_qvm.shutdown"](name)
-        __salt__["sysdns_qvm.set_json_feature"](name, CONFIG_FEATURE, wanted)
-        if restart_qube is not None and __salt__["sysdns_qvm.is_running"](restart_qube):
-            __salt__["sysdns_qvm.restart"](restart_qube)
+            if store_needed:
+                # A disposable template only stores the files, and its named
+                # disposable starts from the private volume of its last shutdown.
+                __salt__["sysdns_qvm.run"](name, STORE_CONFIG_COMMAND, stdin=archive, timeout=300)
+                __salt__["sysdns_qvm.shutdown"](name)
+                __salt__["sysdns_qvm.set_json_feature"](name, CONFIG_FEATURE, wanted)
+            if report is not None and (file_changes or _service_changes(report)):
+                __salt__["sysdns_qvm.restart"](restart_qube)
         ret["comment"] = "Configuration of {} has been applied".format(name)
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["changes"] = {}
@@ -620,8 +646,8 @@ def netvm_restored(name, qubes=None):
     carries the feature ``sysdns.previous-netvm`` gets that netvm back (an empty value
     means no netvm), and the feature is unset.
 
-    The qubes looked at are those in ``qubes`` and every qube whose netvm is ``name``,
-    found in the one qvm-ls listing; each costs one qvm-features read. A qube whose
+    The qubes looked at are those in ``qubes`` and every qube whose netvm is ``name``
+    in the one qvm-ls listing. Each of them costs one qvm-features read. A qube whose
     netvm was changed to something other than ``name`` after the build keeps that
     netvm and only loses the feature. A qube routed through ``name`` without the
     feature was wired by hand and is left alone.
@@ -679,7 +705,7 @@ def absent(name, marker=None, removed_before=None, timeout=120):
 
     A qube without the feature ``marker`` was not built by the formula and is kept.
     A qube still in use (as template, netvm or default_dispvm of another qube, or in a
-    global property) is not removed; the state fails and names the uses.
+    global property) is not removed. The state then fails and names those uses.
 
     name
         Qube name.

@@ -19,13 +19,15 @@ SUMMARY = "qubes.tests.sys-dns - summary"
 CHECKS = (CHAIN, RESOLVE, PLAINTEXT, UPSTREAM)
 
 # A fault in sys-dns that lets plaintext queries out: the redirect is emptied, so
-# downstream queries follow Qubes' dnat-dns to sys-net, and an accept ahead of the
-# guard's drop lets them leave. Reloading the formula's table undoes it.
+# downstream queries follow Qubes' dnat-dns to sys-net, the fail-closed guard's
+# forward chain is emptied, and an accept ahead of the uplink guard's drop lets them
+# leave. Reloading both tables undoes it.
 LEAK_RULES = (
     "nft flush chain inet sysdns redirect_downstream && "
+    "nft flush chain inet sysdns_guard forward && "
     "nft insert rule inet sysdns guard_uplink meta l4proto udp th dport 53 accept"
 )
-RESTORE_TABLE = "/usr/lib/sysdns/apply-firewall"
+RESTORE_TABLE = "systemctl restart sysdns-guard.service && /usr/lib/sysdns/apply-firewall"
 
 # A fault in sys-net: it drops every packet forwarded to the lab's resolvers on their
 # encrypted ports, as an unreachable upstream would.

@@ -76,3 +76,27 @@ def test_rejected_config_leaves_record_unchanged(built_lab):
     code, states, output = apply_sls(lab, "qubes.network.sys-dns")
     assert code == 0, output
     assert all(not ret["changes"] for ret in states.values()), states
+
+
+def test_broken_ruleset_at_boot_fails_closed(built_lab):
+    """With the formula's table unloadable at boot, the guard still keeps DNS in."""
+    lab = built_lab
+    lab.exec("sys-dns", "echo 'this is not nft' >> /rw/config/sysdns/sysdns.nft", check=True)
+    assert lab.qvm("qvm-shutdown", "--wait", "--force", "sys-dns").returncode == 0
+    assert lab.qvm("qvm-start", "sys-dns").returncode == 0
+    assert lab.exec("sys-dns", "nft list table inet sysdns").returncode != 0
+    assert lab.exec("sys-dns", "nft list table inet sysdns_guard").returncode == 0
+
+    with lab.observe("sys-dns") as observer:
+        answer = lab.dns_query("personal", "boot-leak.lab.test", rtype="TXT")
+        observation = observer.stop()
+    assert answer["status"] != "answer" or not any("uplink-plain" in str(item) for item in answer.get("answers", [])), answer
+    assert observation.dns_queries == [], observation.summary()
+
+    # The next build finds the broken file and the missing table, and repairs both.
+    code, states, output = apply_sls(lab, "qubes.network.sys-dns")
+    assert code == 0, output
+    changes = states["qubes.network.sys-dns - configuration of sys-dns applied"]["changes"]
+    assert list(changes["files"]) == ["sysdns.nft"]
+    assert changes["firewall"] == {"old": "missing", "new": "loaded"}
+    assert lab.dns_query("personal", "www.lab.test")["status"] == "answer"

@@ -6,7 +6,11 @@ import os
 import sys
 
 from .lab import (
-    DEFAULT_RUNNING, Lab, cleanup_prefix, configure_logging, install_signal_handlers,
+    DEFAULT_RUNNING,
+    Lab,
+    cleanup_prefix,
+    configure_logging,
+    install_signal_handlers,
     list_runs,
 )
 

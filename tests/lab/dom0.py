@@ -21,9 +21,19 @@ from . import qubesdb
 from .layout import RunLayout
 from .runtime import CommandError, Runtime
 from .store import (
-    ALL_CLASSES, GLOBAL_PROPERTIES, LABELS, Domain, LabLimitError, NoSuchDomainError,
-    NoSuchPropertyError, QubesError, Store, VMInUseError,
-    VMNotStartedError, format_value, validate_tag,
+    ALL_CLASSES,
+    GLOBAL_PROPERTIES,
+    LABELS,
+    Domain,
+    LabLimitError,
+    NoSuchDomainError,
+    NoSuchPropertyError,
+    QubesError,
+    Store,
+    VMInUseError,
+    VMNotStartedError,
+    format_value,
+    validate_tag,
 )
 
 

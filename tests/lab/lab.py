@@ -152,6 +152,13 @@ def raise_inotify_limit():
                  "containers", current, INOTIFY_INSTANCES_MIN)
 
 
+def repository_file_roots():
+    """Return the lab's default base file_roots: the formula's SLS tree, then the
+    repository root with _modules and _states."""
+    repo = layout_module.REPO_DIR
+    return [str(repo / "qubes-sysdns-formula"), str(repo)]
+
+
 def new_prefix():
     return "sl" + secrets.token_hex(2)
 
@@ -262,11 +269,10 @@ class Lab:
         salt = self.layout.salt_dir
         for name in ("cache", "pki", "sock", "extmods"):
             (salt / name).mkdir(parents=True, exist_ok=True)
-        repo = layout_module.REPO_DIR
         config = {
             "id": "dom0",
             "file_client": "local",
-            "file_roots": {"base": [str(repo / "qubes-sysdns-formula"), str(repo)]},
+            "file_roots": {"base": repository_file_roots()},
             "pillar_roots": {"base": [str(self.layout.pillar_dir)]},
             "cachedir": str(salt / "cache"),
             "pki_dir": str(salt / "pki"),
@@ -278,6 +284,19 @@ class Lab:
         # JSON is valid YAML, and salt reads the minion file as YAML.
         (salt / "minion").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
         self.write_pillar_top([])
+
+    def use_file_roots(self, paths):
+        """Set the base file_roots that qubesctl serves the formula from.
+
+        The default is repository_file_roots(); a test of an installed tree passes its
+        root and restores the default afterwards. Each qubesctl run starts with
+        saltutil.sync_all, which replaces the cached _modules and _states with those of
+        the new roots.
+        """
+        minion = self.layout.salt_dir / "minion"
+        config = json.loads(minion.read_text(encoding="utf-8"))
+        config["file_roots"] = {"base": [str(path) for path in paths]}
+        minion.write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
 
     def write_pillar_top(self, names):
         top = {"base": {"dom0": list(names)}} if names else {"base": {}}

@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 from . import layout as layout_module
-from . import procs
-from . import qubesdb
+from . import procs, qubesdb
 from .store import LabLimitError, QubesError, Store, VMError, VMNotStartedError
 
 log = logging.getLogger(__name__)
@@ -752,6 +751,12 @@ class Runtime:
                         client_entry = app.runtime(client.name)
                         if client_entry and client_entry.get("link"):
                             client_entry["link"] = None
+                            # Removing the vif removes the client's eth0 on Qubes. The
+                            # kernel would also drop it with the netvm's namespace, but
+                            # late enough that the next start finds "eth0" in use.
+                            client_ns = self.layout.netns(client.name)
+                            if netns_exists(client_ns):
+                                run(["ip", "-n", client_ns, "link", "delete", "eth0"], check=False)
         for mount in entry.get("mounts", []):
             unmount(mount)
         unmount(self.root_dir(name))

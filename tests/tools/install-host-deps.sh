@@ -4,7 +4,7 @@ set -eu
 
 packages="nftables tcpdump iproute2 debootstrap systemd-container dnsdist unbound
 dnsperf knot-dnsutils dnsutils openssl dpkg-dev apt-utils gnupg ca-certificates
-python3 python3-venv"
+python3 python3-venv shellcheck rpm"
 
 missing=""
 for package in $packages; do
@@ -15,5 +15,6 @@ done
 if [ -n "$missing" ]; then
     apt-get update -q
     # The lab starts dnsdist and unbound itself, inside its uplink namespace.
+    # shellcheck disable=SC2086 # $missing is a space-separated list of package names
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
 fi

@@ -64,6 +64,10 @@ class FakeQubes:
         self.os_release = 'ID=debian\nVERSION_ID="12"\nVERSION_CODENAME=bookworm\n'
         self.sources = "deb http://deb.debian.org/debian bookworm main\n"
         self.fail_commands = {}
+        self.guard_state = {}
+        self.setup_output = "dnscrypt-proxy 2.1.8\nsysdns: template setup complete\n"
+        # Global properties (qubes-prefs) that name a qube.
+        self.global_prefs = {"default_netvm": "sys-firewall", "updatevm": "sys-net", "clockvm": "sys-net"}
 
     # Reads
     def list_qubes(self, refresh=False):
@@ -135,6 +139,31 @@ class FakeQubes:
         self._change("restart", name)
         self.qubes[name]["state"] = "Running"
 
+    def dependents(self, name):
+        found = []
+        for holder, record in sorted(self.qubes.items()):
+            if holder == name:
+                continue
+            for prop in qvm_module.QUBE_REFERENCE_FIELDS:
+                if record.get(prop) == name:
+                    found.append((holder, prop))
+        for prop, value in sorted(self.global_prefs.items()):
+            if value == name:
+                found.append((None, prop))
+        return found
+
+    def remove(self, name):
+        from salt.exceptions import CommandExecutionError
+
+        self._require(name)
+        if self.qubes[name]["state"] != "Halted":
+            raise CommandExecutionError("command qvm-remove --force {} failed with exit code 1: Domain is not powered off".format(name))
+        if self.dependents(name):
+            raise CommandExecutionError("command qvm-remove --force {} failed with exit code 1: Domain is in use".format(name))
+        self._change("remove", name)
+        del self.qubes[name]
+        self.features_of.pop(name, None)
+
     def pack_files(self, files, links=None):
         return qvm_module.pack_files(files, links)
 
@@ -154,23 +183,27 @@ class FakeQubes:
                 for filename, content in sorted(self.config_files.get(name, {}).items())
             ]
             state = self.service_state.get(name, ("inactive", "missing", "missing"))
-            lines += ["service " + state[0], "firewall " + state[1], "input-accept " + state[2]]
+            guard = self.guard_state.get(name, "loaded")
+            lines += ["service " + state[0], "firewall " + state[1], "guard " + guard, "input-accept " + state[2]]
             return {"retcode": 0, "stdout": "\n".join(lines) + "\n", "stderr": ""}
         if command.startswith("cat /etc/os-release"):
             return {"retcode": 0, "stdout": self.os_release + "--- sources\n" + self.sources, "stderr": ""}
         if command.endswith("/install-config"):
             self._change("install-config", name)
             self.config_files[name] = unpack_files(stdin)
+            self.guard_state[name] = "loaded"
             self.service_state[name] = ("active", "loaded", "present")
         else:
             self._change("run", name, command)
+            if command.endswith("/setup-template"):
+                return {"retcode": 0, "stdout": self.setup_output, "stderr": ""}
         return {"retcode": 0, "stdout": "", "stderr": ""}
 
     def salt_functions(self):
         """Return a __salt__ dict that routes sysdns_qvm.* to this fake."""
         names = (
             "list_qubes get_qube get_pref is_running features json_feature set_pref set_feature "
-            "set_json_feature create clone start shutdown restart pack_files run"
+            "set_json_feature create clone start shutdown restart pack_files run dependents remove"
         ).split()
         functions = {"sysdns_qvm." + name: getattr(self, name) for name in names}
         functions["sysdns_config.render_apt_sources"] = config_module.render_apt_sources

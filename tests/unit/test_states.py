@@ -264,7 +264,7 @@ def test_test_mode_predicts_real_changes(fake):
     predicted = build_sequence(states(fake, test=True))
     assert fake.changes == []
     applied = build_sequence(states(fake))
-    for test_ret, real_ret in zip(predicted, applied):
+    for test_ret, real_ret in zip(predicted, applied, strict=True):
         assert real_ret["result"] is True, real_ret["comment"]
         assert test_ret["result"] is None, test_ret["name"]
         assert test_ret["changes"] == real_ret["changes"], test_ret["name"]
@@ -298,3 +298,71 @@ def test_qube_present_reads_memory_with_qvm_prefs(fake):
     ret = states(fake).qube_present("sys-firewall", "debian-12-minimal", "green", prefs={"memory": 400})
     assert ret["changes"]["prefs"] == {"memory": {"old": 300, "new": 400}}
     assert fake.qubes["sys-firewall"]["memory"] == 400
+
+
+def dispvm_sequence(module, config=CONFIG):
+    return [
+        module.qube_present("sys-dns-dvm", "debian-12-minimal", "orange", prefs={"template_for_dispvms": True}),
+        module.config_applied("sys-dns-dvm", config, restart_qube="sys-dns"),
+        module.qube_present("sys-dns", "sys-dns-dvm", "orange", klass="DispVM", prefs={"netvm": "sys-net"}),
+        module.running("sys-dns"),
+    ]
+
+
+def test_dispvm_config_change_restarts_disposable(fake):
+    for ret in dispvm_sequence(states(fake)):
+        assert ret["result"] is True, ret["comment"]
+    # The disposable starts from the stored files, as Qubes gives it the private volume.
+    fake.config_files["sys-dns"] = dict(CONFIG)
+    fake.service_state["sys-dns"] = ("active", "loaded", "present")
+    fake.changes.clear()
+    for ret in dispvm_sequence(states(fake)):
+        assert ret["changes"] == {}, ret["name"]
+
+    changed = dict(CONFIG, **{"dnscrypt-proxy.toml": "listen_addresses = ['[::]:53']\n"})
+    predicted = states(fake, test=True).config_applied("sys-dns-dvm", changed, restart_qube="sys-dns")
+    assert predicted["result"] is None
+    assert list(predicted["changes"]["files"]) == ["dnscrypt-proxy.toml"]
+    assert fake.changes == []
+    ret = states(fake).config_applied("sys-dns-dvm", changed, restart_qube="sys-dns")
+    assert ret["changes"] == predicted["changes"]
+    assert ("restart", "sys-dns") in fake.changes
+    assert ("shutdown", "sys-dns-dvm") in fake.changes
+
+
+def test_dispvm_restart_failure_keeps_change_pending(fake):
+    dispvm_sequence(states(fake))
+    fake.config_files["sys-dns"] = dict(CONFIG)
+    fake.service_state["sys-dns"] = ("active", "loaded", "present")
+    changed = dict(CONFIG, **{"sysdns.nft": "table inet sysdns {}\n"})
+
+    def refuse(name, timeout=120):
+        from salt.exceptions import CommandExecutionError
+
+        raise CommandExecutionError("command qvm-shutdown failed with exit code 1: Failed to shut down")
+
+    module = states(fake)
+    module.__salt__["sysdns_qvm.restart"] = refuse
+    ret = module.config_applied("sys-dns-dvm", changed, restart_qube="sys-dns")
+    assert ret["result"] is False
+    # The running disposable still has the old files, so the next run sees the change.
+    again = states(fake, test=True).config_applied("sys-dns-dvm", changed, restart_qube="sys-dns")
+    assert list(again["changes"]["files"]) == ["sysdns.nft"]
+
+
+def test_template_configured_needs_completion_line(fake):
+    fake.setup_output = "Unpacking dnscrypt-proxy (2.1.8+ds1-1+b4) ...\n"
+    module = states(fake)
+    module.template_present("tpl-sys-dns", "debian-12-minimal")
+    ret = module.template_configured("tpl-sys-dns", PACKAGES, FILES, LINKS, BACKPORT)
+    assert ret["result"] is False
+    assert "did not finish" in ret["comment"]
+    assert "sysdns.template" not in fake.features_of.get("tpl-sys-dns", {})
+
+
+def test_config_applied_restores_missing_guard(fake):
+    build_sequence(states(fake))
+    fake.guard_state["sys-dns"] = "missing"
+    ret = states(fake).config_applied("sys-dns", CONFIG)
+    assert ret["changes"] == {"guard": {"old": "missing", "new": "loaded"}}
+    assert fake.guard_state["sys-dns"] == "loaded"

@@ -18,13 +18,15 @@
     } %}
 {%- set template_files = {} %}
 {%- for path, spec in template_side.items() %}
-{%-   do template_files.update({path: {'content': spec[0], 'mode': '%04o' | format(spec[1])}}) %}
+{%-   set entry = {'content': spec[0], 'mode': '%04o' | format(spec[1])} %}
+{%-   do template_files.update({path: entry}) %}
 {%- endfor %}
 {%- set links = {} %}
 {%- do links.update(template_links.masks) %}
 {%- do links.update(template_links.wants) %}
 {%- for path, filename in helpers.items() %}
-{%-   do template_files.update({path: {'source': 'salt://qubes/network/sys-dns/files/' ~ filename, 'mode': '0755'}}) %}
+{%-   set entry = {'source': 'salt://qubes/network/sys-dns/files/' ~ filename, 'mode': '0755'} %}
+{%-   do template_files.update({path: entry}) %}
 {%- endfor %}
 {%- if sysdns.qube['class'] == 'DispVM' %}
 {%-   set config_qube = sysdns.qube.disposable_template %}

@@ -12,7 +12,6 @@ import pytest
 from tests.unit.config.helpers import config
 from tests.unit.config.netns import Namespaces, prefix, read_log, wait_for
 
-
 ALL_PROPS = {"dnssec": True, "nolog": True, "nofilter": True}
 UPSTREAM_DNSCRYPT = config.encode_stamp(
     "dnscrypt",

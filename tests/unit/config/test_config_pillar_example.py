@@ -6,7 +6,6 @@ import yaml
 
 from tests.unit.config.helpers import config
 
-
 EXAMPLE = pathlib.Path(__file__).resolve().parents[3] / "pillar.example"
 # Lists that are empty by default and hold example entries in pillar.example.
 EXAMPLE_LISTS = {

@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from tests.unit.config.helpers import assert_check_passes, assert_nft_check_passes, config
 
-
 ALL_PROPS = {"dnssec": True, "nolog": True, "nofilter": True}
 LABELS = st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 DNS_NAMES = st.lists(LABELS, min_size=2, max_size=4).map(".".join)

@@ -320,7 +320,9 @@ def test_template_files():
     assert sorted(files) == [
         "/etc/systemd/system/dnscrypt-proxy.service",
         "/etc/systemd/system/sysdns-firewall.service",
+        "/etc/systemd/system/sysdns-guard.service",
         "/usr/lib/sysdns/apply-firewall",
+        "/usr/lib/sysdns/guard.nft",
     ]
     service, mode = files["/etc/systemd/system/dnscrypt-proxy.service"]
     assert mode == 0o644
@@ -374,6 +376,7 @@ def test_template_links():
     assert links["wants"] == {
         "/etc/systemd/system/multi-user.target.wants/dnscrypt-proxy.service": "/etc/systemd/system/dnscrypt-proxy.service",
         "/etc/systemd/system/multi-user.target.wants/sysdns-firewall.service": "/etc/systemd/system/sysdns-firewall.service",
+        "/etc/systemd/system/multi-user.target.wants/sysdns-guard.service": "/etc/systemd/system/sysdns-guard.service",
     }
 
 

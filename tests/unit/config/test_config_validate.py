@@ -116,6 +116,10 @@ BAD_INPUT = [
     ({"rewire": ["anon-whonix"]}, "sysdns:rewire:0", "Whonix qubes keep their Tor chain"),
     ({"rewire": ["my-Whonix-ws"]}, "sysdns:rewire:0", "Whonix qubes keep their Tor chain"),
     ({"rewire": [f"q{index}" for index in range(65)]}, "sysdns:rewire", "a list of 65 entries is invalid"),
+    # rollback
+    ({"rollback": {"remove_qubes": "yes"}}, "sysdns:rollback:remove_qubes", "expected true or false"),
+    ({"rollback": {"remove_qube": True}}, "sysdns:rollback:remove_qube", "did you mean 'remove_qubes'?"),
+    ({"rollback": True}, "sysdns:rollback", "expected a mapping"),
     # resolvers and relays
     (dnscrypt(resolvers=[]), "sysdns:dnscrypt:resolvers", "a list of 0 entries is invalid"),
     (dnscrypt(resolvers=[{"name": "x"}]), "sysdns:dnscrypt:resolvers:0:stamp", "missing: expected a DNS stamp"),
@@ -388,6 +392,11 @@ def test_default_resolvers_meet_requirements():
         assert decoded["proto"] in ("dnscrypt", "doh")
         assert decoded["family"] == 4
         assert decoded["props"] == ALL_PROPS
+
+
+def test_rollback_keeps_qubes_by_default():
+    assert config.validate({})["rollback"] == {"remove_qubes": False}
+    assert config.validate({"rollback": {"remove_qubes": True}})["rollback"] == {"remove_qubes": True}
 
 
 def test_dispvm_gets_default_disposable_template():

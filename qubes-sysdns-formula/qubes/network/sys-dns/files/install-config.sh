@@ -45,6 +45,8 @@ if [ -n "${SYSDNS_STORE_ONLY:-}" ]; then
     exit 0
 fi
 
+# The guard is fixed in the template; loading it again restores it if it was removed.
+systemctl restart sysdns-guard.service
 /usr/lib/sysdns/apply-firewall
 
 systemctl restart dnscrypt-proxy.service

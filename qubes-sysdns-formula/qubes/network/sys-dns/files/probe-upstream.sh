@@ -34,6 +34,7 @@ length=$((length + 5))
 
 exec 3<>/dev/tcp/127.0.0.1/53
 # DNS over TCP prefixes the message with its length (RFC 1035, 4.2.2).
+# shellcheck disable=SC2059 # the format string is the message, written as \x escapes
 printf "$(printf '\\x%02x\\x%02x' $((length >> 8)) $((length & 255)))${message}" >&3
 
 # Bytes 0-1: length prefix, 2-3: ID, 4-5: flags; RCODE is the low 4 bits of byte 5.
@@ -41,6 +42,7 @@ if ! header=$(timeout "$timeout_s" head -c 6 <&3 | od -An -tu1); then
     echo "rcode none"
     exit 0
 fi
+# shellcheck disable=SC2086 # split the od output into one positional parameter per byte
 set -- $header
 if [ "$#" -lt 6 ]; then
     echo "rcode none"

@@ -35,9 +35,9 @@ EOF
 # Create /rw/home/<user> from /etc/skel for every account whose home is under /home,
 # as initialize_home does in Qubes when the folder is missing.
 populate_rw_home() {
-    local name uid gid home
+    local uid gid home
     mkdir -p /rw/home
-    while IFS=: read -r name _ uid gid _ home _; do
+    while IFS=: read -r _ _ uid gid _ home _; do
         case $home in
         /home/?*) ;;
         *) continue ;;

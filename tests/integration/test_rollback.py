@@ -1,0 +1,102 @@
+"""
+The rollback in the lab. From a fresh estate, a build and a rollback that removes
+the formula's qubes leave every qube's properties and features as they were. A
+second rollback changes nothing, a test run of the rollback on a built estate
+changes nothing and predicts the real run, and a new build afterwards passes the
+tests SLS.
+"""
+
+import pytest
+
+from tests.integration.formula_lab import apply_sls, changes_by_state, failed_states, lab_pillar
+from tests.integration.test_build import dom0_calls, mutating
+
+pytestmark = pytest.mark.lab
+
+BUILD = "qubes.network.sys-dns"
+ROLLBACK = "qubes.network.sys-dns.rollback"
+TESTS = "qubes.tests.sys-dns"
+FORMULA_QUBES = ("sys-dns", "sys-dns-dvm", "tpl-sys-dns")
+# Properties that change whenever a qube starts (qvm-prefs output).
+VOLATILE_PREFS = {"xid", "start_time", "stubdom_xid"}
+
+
+def estate(lab):
+    """
+    Return every qube's class and power state, its properties as ``qvm-prefs QUBE``
+    lists them (value and whether it is the default) without VOLATILE_PREFS, its
+    features, and the global properties.
+    """
+    listing = lab.qvm("qvm-ls", "--raw-data", "--fields", "name,class,state", check=True).stdout
+    snapshot = {"qubes": sorted(listing.splitlines())}
+    for line in listing.splitlines():
+        name = line.split("|")[0]
+        prefs = lab.qvm("qvm-prefs", name, check=True).stdout.splitlines()
+        snapshot["prefs:" + name] = [" ".join(row.split()) for row in prefs if row.split()[0] not in VOLATILE_PREFS]
+        snapshot["features:" + name] = lab.qvm("qvm-features", name, check=True).stdout
+    snapshot["global"] = lab.qvm("qubes-prefs", check=True).stdout
+    return snapshot
+
+
+def apply_ok(lab, sls, *extra):
+    code, states, output = apply_sls(lab, sls, *extra)
+    assert states is not None, output
+    assert failed_states(states) == {}
+    assert code == 0, output
+    return states
+
+
+@pytest.mark.parametrize("klass, removed", [("AppVM", 3), ("DispVM", 4)])
+def test_rollback_restores_estate(fresh_lab, klass, removed):
+    lab = fresh_lab()
+    lab.write_pillar("sysdns", lab_pillar(lab, qube={"class": klass}, rollback={"remove_qubes": True}))
+    before = estate(lab)
+    assert not any(name.startswith(FORMULA_QUBES) for name in before["qubes"])
+    assert "netvm - sys-net" in before["prefs:sys-firewall"]
+
+    apply_ok(lab, BUILD)
+    built = estate(lab)
+    assert built != before
+    assert lab.qvm("qvm-features", "sys-firewall", "sysdns.previous-netvm").stdout.strip() == "sys-net"
+
+    # A test run changes nothing and predicts the real run state by state.
+    calls_before = len(lab.calls())
+    predicted = apply_ok(lab, ROLLBACK, "test=True")
+    assert mutating(dom0_calls(lab, calls_before)) == []
+    assert estate(lab) == built
+    assert all(ret["result"] is None for ret in predicted.values() if ret["changes"])
+    # The netvm restore, then sys-dns, its disposable template (DispVM) and the template.
+    assert len(changes_by_state(predicted)) == removed, predicted
+
+    applied = apply_ok(lab, ROLLBACK)
+    assert changes_by_state(applied) == changes_by_state(predicted)
+    assert estate(lab) == before
+
+    # A second rollback finds nothing to do and changes nothing.
+    calls_before = len(lab.calls())
+    again = apply_ok(lab, ROLLBACK)
+    assert changes_by_state(again) == {}
+    assert mutating(dom0_calls(lab, calls_before)) == []
+    assert estate(lab) == before
+
+    # The estate is fit for a new build, which the tests SLS accepts.
+    apply_ok(lab, BUILD)
+    assert lab.qvm("qvm-prefs", "sys-firewall", "netvm").stdout.strip() == "sys-dns"
+    tests = apply_ok(lab, TESTS)
+    assert all(ret["result"] is True for ret in tests.values()), tests
+
+
+def test_rollback_keeps_qubes_by_default(fresh_lab):
+    lab = fresh_lab()
+    lab.write_pillar("sysdns", lab_pillar(lab))
+    apply_ok(lab, BUILD)
+
+    applied = apply_ok(lab, ROLLBACK)
+
+    assert list(changes_by_state(applied)) == [
+        "qubes.network.sys-dns.rollback - previous netvm of qubes routed through sys-dns"
+    ]
+    assert lab.qvm("qvm-prefs", "sys-firewall", "netvm").stdout.strip() == "sys-net"
+    assert lab.qvm("qvm-features", "sys-firewall", "sysdns.previous-netvm").returncode == 1
+    assert lab.qvm("qvm-check", "sys-dns").returncode == 0
+    assert lab.qvm("qvm-check", "tpl-sys-dns").returncode == 0
