@@ -26,8 +26,8 @@ PROBE_COMMAND = "/usr/lib/sysdns/probe-upstream"
 UPSTREAM_RCODES = {0: "NOERROR", 3: "NXDOMAIN"}
 
 # Reads one name per line on stdin and prints "ok NAME ADDRESS..." or "fail NAME EXIT".
-# getent exits 2 for a name that does not exist (getent(1)); timeout exits 124 when a
-# lookup takes longer than LOOKUP_TIMEOUT_S, which bounds a window with a dead resolver.
+# getent exits 2 for a name that does not exist (getent(1)). timeout exits 124 when a
+# lookup takes longer than LOOKUP_TIMEOUT_S, so a dead resolver cannot stretch the window.
 LOOKUP_TIMEOUT_S = 5
 RESOLVE_COMMAND = (
     'while read -r name; do '

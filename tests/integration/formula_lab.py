@@ -1,7 +1,10 @@
 """Drive the formula in the offline lab: pillar, qubesctl runs, and their results."""
 
+import contextlib
 import copy
 import json
+
+from tests.lab.lab import Lab
 
 # Names the lab's uplink resolvers answer (tests/lab/uplink.py): www.lab.test has an
 # A and an AAAA record; every *.lab.test name has a TXT record naming the resolver.
@@ -61,3 +64,21 @@ def changes_by_state(states):
 def failed_states(states):
     """Return ``{state ID: comment}`` of the states whose result is False."""
     return {state_id: ret.get("comment") for state_id, ret in states.items() if ret.get("result") is False}
+
+
+@contextlib.contextmanager
+def built_lab(**overrides):
+    """
+    Bring a lab up, build sys-dns in it with ``lab_pillar(lab, **overrides)``, yield it,
+    and tear it down afterwards, also when the build fails.
+    """
+    lab = Lab.up()
+    try:
+        lab.write_pillar("sysdns", lab_pillar(lab, **overrides))
+        code, states, output = apply_sls(lab, "qubes.network.sys-dns")
+        assert states is not None, output
+        assert failed_states(states) == {}
+        assert code == 0, output
+        yield lab
+    finally:
+        lab.down()

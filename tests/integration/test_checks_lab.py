@@ -5,8 +5,7 @@ build: proven in one built lab by breaking one thing at a time and putting it ba
 
 import pytest
 
-from tests.integration.formula_lab import apply_sls, failed_states, lab_pillar
-from tests.lab.lab import Lab
+from tests.integration.formula_lab import apply_sls, built_lab
 
 pytestmark = pytest.mark.lab
 
@@ -39,18 +38,10 @@ UPSTREAM_BLOCK = (
 UPSTREAM_UNBLOCK = "nft delete table ip labfault"
 
 
-@pytest.fixture(scope="module")
-def built_lab():
-    lab = Lab.up()
-    try:
-        lab.write_pillar("sysdns", lab_pillar(lab))
-        code, states, output = apply_sls(lab, "qubes.network.sys-dns")
-        assert states is not None, output
-        assert failed_states(states) == {}
-        assert code == 0
+@pytest.fixture(scope="module", name="built_lab")
+def built_lab_fixture():
+    with built_lab() as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def run_checks(lab):

@@ -7,25 +7,17 @@ import json
 
 import pytest
 
-from tests.integration.formula_lab import apply_sls, failed_states, lab_pillar
-from tests.lab.lab import Lab
+from tests.integration.formula_lab import apply_sls, built_lab
 
 pytestmark = pytest.mark.lab
 
 REPORT = "/usr/lib/sysdns/report"
 
 
-@pytest.fixture(scope="module")
-def built_lab():
-    lab = Lab.up()
-    try:
-        lab.write_pillar("sysdns", lab_pillar(lab))
-        code, states, output = apply_sls(lab, "qubes.network.sys-dns")
-        assert states is not None, output
-        assert failed_states(states) == {}
+@pytest.fixture(scope="module", name="built_lab")
+def built_lab_fixture():
+    with built_lab() as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def current_files(lab):
