@@ -464,7 +464,7 @@ def config_applied(name, files, restart_qube=None):
     dnscrypt-proxy restarts without a restart of the qube.
 
     name
-        The qube whose /rw holds the configuration: sys-dns itself, or for a named
+        The qube whose /rw contains the configuration: sys-dns itself, or for a named
         disposable its disposable template.
     files
         ``{filename: content}`` for /rw/config/sysdns.

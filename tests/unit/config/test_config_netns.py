@@ -83,7 +83,8 @@ def test_apply_script_idempotent(namespaces, tmp_path):
     first = namespaces.run(namespace, "sh", str(script), str(ruleset))
     second = namespaces.run(namespace, "sh", str(script), str(ruleset))
 
-    assert first.returncode == 0 and second.returncode == 0
+    assert first.returncode == 0
+    assert second.returncode == 0
     for family in ("ip", "ip6"):
         rules = _sysdns_rules(namespaces, namespace, family)
         assert len(rules) == 2, rules

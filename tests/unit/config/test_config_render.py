@@ -444,7 +444,8 @@ def test_apt_pin_syntax_accepted_by_apt(tmp_path):
     )
 
     assert result.returncode == 0, result.stderr
-    assert "E:" not in result.stderr and "W:" not in result.stderr, result.stderr
+    assert "E:" not in result.stderr, result.stderr
+    assert "W:" not in result.stderr, result.stderr
 
 
 def test_config_files_and_digest():
