@@ -30,8 +30,8 @@ UPSTREAM_RCODES = {0: "NOERROR", 3: "NXDOMAIN"}
 # lookup takes longer than LOOKUP_TIMEOUT_S, so a dead resolver cannot stretch the window.
 LOOKUP_TIMEOUT_S = 5
 RESOLVE_COMMAND = (
-    'while read -r name; do '
-    'if out=$(timeout ' + str(LOOKUP_TIMEOUT_S) + ' getent hosts "$name"); then echo "ok $name" $out; '
+    "while read -r name; do "
+    "if out=$(timeout " + str(LOOKUP_TIMEOUT_S) + ' getent hosts "$name"); then echo "ok $name" $out; '
     'else echo "fail $name $?"; fi; done'
 )
 
@@ -235,8 +235,9 @@ def check_no_plaintext(window):
     delta = window["delta"]
     if delta["leaked"] != 0:
         problems.append(
-            "{}: {} plaintext port-53 packets left through the uplink during the test "
-            "window (expected 0)".format(window["qube"], delta["leaked"])
+            "{}: {} plaintext port-53 packets left through the uplink during the test window (expected 0)".format(
+                window["qube"], delta["leaked"]
+            )
         )
     if window["lookups"] and delta["redirected"] < window["lookups"]:
         problems.append(
@@ -267,7 +268,8 @@ def check_upstream(window):
         )
     if window["delta"]["upstream_replies"] <= 0:
         problems.append(
-            "{}: no packet came back from an upstream resolver during the test window "
-            "(expected at least one)".format(window["qube"])
+            "{}: no packet came back from an upstream resolver during the test window (expected at least one)".format(
+                window["qube"]
+            )
         )
     return problems

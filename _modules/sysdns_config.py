@@ -163,9 +163,7 @@ class _StampReader:
 
     def take(self, count, what):
         if count > self.remaining():
-            raise _StampError(
-                f"truncated: {what} needs {count} bytes, {self.remaining()} left"
-            )
+            raise _StampError(f"truncated: {what} needs {count} bytes, {self.remaining()} left")
         chunk = self.data[self.pos : self.pos + count]
         self.pos += count
         return chunk
@@ -233,9 +231,7 @@ def _decode_stamp(stamp, require_ip=True):
         raise _StampError(f"a stamp starts with {STAMP_PREFIX!r}")
     payload = stamp[len(STAMP_PREFIX) :]
     if not re.fullmatch(r"[A-Za-z0-9_-]+", payload):
-        raise _StampError(
-            "the part after sdns:// must be URL-safe base64 without padding"
-        )
+        raise _StampError("the part after sdns:// must be URL-safe base64 without padding")
     try:
         data = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
     except (binascii.Error, ValueError):
@@ -298,8 +294,7 @@ def _decode_stamp(stamp, require_ip=True):
             decoded["path"] = reader.text("the path")
         if reader.remaining():
             decoded["bootstrap_ips"] = [
-                item.decode("ascii", "replace")
-                for item in reader.variable_list("the bootstrap IP addresses")
+                item.decode("ascii", "replace") for item in reader.variable_list("the bootstrap IP addresses")
             ]
     elif proto == "odoh-target":
         decoded["host"] = reader.text("the host name")
@@ -431,9 +426,7 @@ def _encode_stamp(
 ):
     code = proto if isinstance(proto, int) else _PROTO_CODES.get(proto)
     if code not in _PROTO_NAMES:
-        raise _StampError(
-            f"unknown protocol {proto!r}: expected one of {sorted(_PROTO_CODES)}"
-        )
+        raise _StampError(f"unknown protocol {proto!r}: expected one of {sorted(_PROTO_CODES)}")
     name = _PROTO_NAMES[code]
 
     value = 0
@@ -461,9 +454,7 @@ def _encode_stamp(
         if name in ("doh", "odoh-relay"):
             data += _length_prefixed(path or "", "path")
         if bootstrap_ips:
-            data += _variable_list(
-                [_ascii(ip, "bootstrap_ips") for ip in bootstrap_ips], "bootstrap_ips"
-            )
+            data += _variable_list([_ascii(ip, "bootstrap_ips") for ip in bootstrap_ips], "bootstrap_ips")
     elif name == "odoh-target":
         data += _length_prefixed(host or "", "host")
         data += _length_prefixed(path or "", "path")
@@ -624,10 +615,7 @@ def _choice(*options):
     return check
 
 
-QUBE_NAME_FORM = (
-    "expected a qube name: a letter, then letters, digits, '_' or '-', "
-    "at most 31 characters"
-)
+QUBE_NAME_FORM = "expected a qube name: a letter, then letters, digits, '_' or '-', at most 31 characters"
 _RESERVED_QUBE_NAMES = ("none", "default", "dom0", "Domain-0")
 
 
@@ -782,8 +770,7 @@ def _format_socket(ip, port):
 
 
 RESOLVER_NAME_FORM = (
-    "expected a server name: a letter or digit, then letters, digits, '.', '_' "
-    "or '-', at most 64 characters"
+    "expected a server name: a letter or digit, then letters, digits, '.', '_' or '-', at most 64 characters"
 )
 
 
@@ -890,10 +877,7 @@ def _minisign_key(value):
 
 _minisign_key.expected = MINISIGN_FORM
 
-FILE_NAME_FORM = (
-    "expected a file name (letters, digits, '.', '_' or '-', no '/'), "
-    f"kept in {SOURCES_CACHE_DIR}"
-)
+FILE_NAME_FORM = f"expected a file name (letters, digits, '.', '_' or '-', no '/'), kept in {SOURCES_CACHE_DIR}"
 
 
 def _file_name(value):
@@ -1026,9 +1010,7 @@ class _Struct:
 
     def normalize(self, value, path, errors):
         if not isinstance(value, dict):
-            errors.invalid(
-                path, value, "expected a mapping with the keys " + ", ".join(self.fields)
-            )
+            errors.invalid(path, value, "expected a mapping with the keys " + ", ".join(self.fields))
             return _BAD
         result = {}
         for key in value:
@@ -1070,10 +1052,7 @@ class _List:
         if not self.min_items <= len(value) <= self.max_items:
             errors.add(path, f"a list of {len(value)} entries is invalid: {expected}")
             return _BAD
-        return [
-            self.item.normalize(entry, path + [index], errors)
-            for index, entry in enumerate(value)
-        ]
+        return [self.item.normalize(entry, path + [index], errors) for index, entry in enumerate(value)]
 
     def key_paths(self, prefix):
         return self.item.key_paths(prefix + ("*",))
@@ -1124,9 +1103,7 @@ _SCHEMA = _Struct(
         "rollback": _Struct({"remove_qubes": _Scalar(_boolean, False)}),
         "dnscrypt": _Struct(
             {
-                "resolvers": _List(
-                    _RESOLVER_ENTRY, MAX_RESOLVERS, default=DEFAULT_RESOLVERS, min_items=1
-                ),
+                "resolvers": _List(_RESOLVER_ENTRY, MAX_RESOLVERS, default=DEFAULT_RESOLVERS, min_items=1),
                 "relays": _List(_RESOLVER_ENTRY, MAX_RELAYS),
                 "server_names": _Optional(_List(_Scalar(_server_name, None), MAX_RESOLVERS)),
                 "require_dnssec": _Scalar(_boolean, False),
@@ -1197,21 +1174,15 @@ _SCHEMA = _Struct(
                 ),
                 "sources": _Struct(
                     {
-                        "allow_plaintext_bootstrap": _List(
-                            _Scalar(_socket_address(53), None), MAX_BOOTSTRAP
-                        ),
+                        "allow_plaintext_bootstrap": _List(_Scalar(_socket_address(53), None), MAX_BOOTSTRAP),
                         "lists": _List(
                             _Struct(
                                 {
                                     "name": _Scalar(_server_name, None),
-                                    "urls": _List(
-                                        _Scalar(_https_url, None), MAX_SOURCE_URLS, min_items=1
-                                    ),
+                                    "urls": _List(_Scalar(_https_url, None), MAX_SOURCE_URLS, min_items=1),
                                     "minisign_key": _Scalar(_minisign_key, None),
                                     "cache_file": _Optional(_Scalar(_file_name, None)),
-                                    "refresh_delay_h": _Scalar(
-                                        _integer(25, 169, "(hours)"), 72
-                                    ),
+                                    "refresh_delay_h": _Scalar(_integer(25, 169, "(hours)"), 72),
                                     "prefix": _Scalar(_name_prefix, ""),
                                 },
                                 required=("name", "urls", "minisign_key"),
@@ -1236,9 +1207,7 @@ _SCHEMA = _Struct(
                     default=["qubes-os.org", "debian.org"],
                     min_items=1,
                 ),
-                "nxdomain_probe": _Optional(
-                    _Scalar(_dns_name, None), default="sysdns-nxdomain-probe.invalid"
-                ),
+                "nxdomain_probe": _Optional(_Scalar(_dns_name, None), default="sysdns-nxdomain-probe.invalid"),
                 "window_s": _Scalar(_integer(2, 300, "(seconds)"), 10),
             }
         ),
@@ -1255,8 +1224,7 @@ def _loader_pillar():
     pillar = globals().get("__pillar__")
     if pillar is None:
         raise SaltInvocationError(
-            "validate() needs the sysdns pillar as its argument when called "
-            "outside the Salt loader"
+            "validate() needs the sysdns pillar as its argument when called outside the Salt loader"
         )
     return pillar
 
@@ -1437,8 +1405,7 @@ def _stamp_problem(decoded, kind, dnscrypt):
         return "port 0 is invalid"
     if decoded["port"] == 53:
         return (
-            "the server uses port 53, which the formula's firewall reserves for "
-            "plaintext DNS and drops on the uplink"
+            "the server uses port 53, which the formula's firewall reserves for plaintext DNS and drops on the uplink"
         )
     family = decoded["family"]
     # Flags that failed validation are _BAD, neither True nor False: skip them.
@@ -1662,8 +1629,7 @@ def _check_sources(dnscrypt, errors):
         errors.invalid(
             path + ["allow_plaintext_bootstrap"],
             bootstrap,
-            "expected the plaintext DNS servers ('IP[:PORT]') that may resolve the "
-            "list URLs' host names",
+            "expected the plaintext DNS servers ('IP[:PORT]') that may resolve the list URLs' host names",
             "dnscrypt-proxy downloads lists by host name and looks names up in "
             "plaintext, so the opt-in must name where those lookups go",
         )
@@ -1779,8 +1745,7 @@ def validate(pillar=None):
     if errors.messages:
         count = len(errors.messages)
         raise SaltInvocationError(
-            f"the sysdns pillar has {count} invalid value{'s' if count > 1 else ''}:\n"
-            + "\n".join(errors.messages)
+            f"the sysdns pillar has {count} invalid value{'s' if count > 1 else ''}:\n" + "\n".join(errors.messages)
         )
     return cfg
 
@@ -2077,13 +2042,9 @@ def render_nft_ruleset(cfg):
         The dict returned by :py:func:`validate`.
     """
     dnscrypt = cfg["dnscrypt"]
-    forward = [
-        _split_socket(server) for rule in dnscrypt["forwarding_rules"] for server in rule["servers"]
-    ]
+    forward = [_split_socket(server) for rule in dnscrypt["forwarding_rules"] for server in rule["servers"]]
     bootstrap = [_split_socket(address) for address in dnscrypt["sources"]["allow_plaintext_bootstrap"]]
-    upstream = [
-        (ipaddress.ip_address(endpoint["ip"]), endpoint["port"]) for endpoint in upstreams(cfg)
-    ]
+    upstream = [(ipaddress.ip_address(endpoint["ip"]), endpoint["port"]) for endpoint in upstreams(cfg)]
     dns = "meta l4proto { tcp, udp } th dport 53"
     l4 = "meta l4proto { tcp, udp }"
     uplink = f"oifgroup {_UPLINK_GROUP}"
@@ -2175,10 +2136,7 @@ def render_nft_ruleset(cfg):
         lines += _nft_chain(
             "block_client_dot",
             "type filter hook forward priority filter - 10; policy accept;",
-            [
-                f"iifgroup {_DOWNSTREAM_GROUP} {l4} th dport 853 "
-                'counter name "client_dot_dropped" drop'
-            ],
+            [f'iifgroup {_DOWNSTREAM_GROUP} {l4} th dport 853 counter name "client_dot_dropped" drop'],
             "DNS over TLS and QUIC from downstream qubes",
         )
     lines.append("}")
@@ -2407,10 +2365,7 @@ _SUITES_NEEDING_TRIXIE = ("bookworm",)
 APT_SOURCE_PATH = "/etc/apt/sources.list.d/sysdns-trixie.list"
 APT_PIN_PATH = "/etc/apt/preferences.d/sysdns-dnscrypt-proxy"
 
-MIRROR_FORM = (
-    "expected the template's Debian mirror URI, such as "
-    "'https://deb.debian.org/debian' or 'tor+https://...'"
-)
+MIRROR_FORM = "expected the template's Debian mirror URI, such as 'https://deb.debian.org/debian' or 'tor+https://...'"
 
 
 def render_apt_sources(mirror_uri, suite):

@@ -90,9 +90,7 @@ def _describe_failure(argv, result):
     output = (result.get("stderr") or "").strip() or (result.get("stdout") or "").strip()
     if len(output) > 2000:
         output = "..." + output[-2000:]
-    return "command {} failed with exit code {}: {}".format(
-        " ".join(argv), result["retcode"], output or "(no output)"
-    )
+    return "command {} failed with exit code {}: {}".format(" ".join(argv), result["retcode"], output or "(no output)")
 
 
 def _forget():
@@ -132,7 +130,7 @@ def parse_qvm_ls(output, fields=QUBE_FIELDS):
                     len(cells), len(fields), line
                 )
             )
-        row = {field: _parse_value(field, cell) for field, cell in zip(fields, cells)}
+        row = {field: _parse_value(field, cell) for field, cell in zip(fields, cells, strict=True)}
         qubes[row["name"]] = row
     return qubes
 

@@ -29,9 +29,7 @@ TEMPLATE_FACTS_COMMAND = (
     "cat /etc/os-release; echo '--- sources'; "
     "cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null; true"
 )
-TEMPLATE_SETUP_COMMAND = (
-    "base64 -d | tar -x -f - -C / --no-same-owner && " + HELPER_DIR + "/setup-template"
-)
+TEMPLATE_SETUP_COMMAND = "base64 -d | tar -x -f - -C / --no-same-owner && " + HELPER_DIR + "/setup-template"
 INSTALL_CONFIG_COMMAND = HELPER_DIR + "/install-config"
 STORE_CONFIG_COMMAND = "SYSDNS_STORE_ONLY=1 " + INSTALL_CONFIG_COMMAND
 REPORT_COMMAND = HELPER_DIR + "/report"
@@ -71,9 +69,7 @@ def _resolve_files(files):
             content = __salt__["cp.get_file_str"](spec["source"])
             if content is False or content is None:
                 raise SaltInvocationError(
-                    "file {} for {} was not found on the Salt file server".format(
-                        spec["source"], path
-                    )
+                    "file {} for {} was not found on the Salt file server".format(spec["source"], path)
                 )
         mode = spec.get("mode", "0644")
         if isinstance(mode, int):
@@ -114,8 +110,9 @@ def template_present(name, source, clone=True):
         if not clone or source == name:
             return _fail(
                 ret,
-                "template {} not found: install it (qvm-template install {}) or set "
-                "sysdns:template:source".format(name, name),
+                "template {} not found: install it (qvm-template install {}) or set sysdns:template:source".format(
+                    name, name
+                ),
             )
         origin = __salt__["sysdns_qvm.get_qube"](source)
         if origin is None or origin["class"] != "TemplateVM":
@@ -576,8 +573,9 @@ def netvm(name, netvm):
         if reason:
             return _fail(
                 ret,
-                "qube {} is not rewired because {}: Whonix keeps its Tor chain; remove it "
-                "from sysdns:rewire".format(name, reason),
+                "qube {} is not rewired because {}: Whonix keeps its Tor chain; remove it from sysdns:rewire".format(
+                    name, reason
+                ),
             )
         if qube["netvm"] == netvm:
             return ret
@@ -585,9 +583,7 @@ def netvm(name, netvm):
         changes = {"netvm": {"old": qube["netvm"], "new": netvm}}
         recorded = __salt__["sysdns_qvm.features"](name).get(PREVIOUS_NETVM_FEATURE)
         if recorded is None:
-            changes["features"] = {
-                PREVIOUS_NETVM_FEATURE: {"old": None, "new": qube["netvm"] or ""}
-            }
+            changes["features"] = {PREVIOUS_NETVM_FEATURE: {"old": None, "new": qube["netvm"] or ""}}
         ret["changes"] = changes
         if __opts__["test"]:
             ret["result"] = None
@@ -627,9 +623,7 @@ def _restore_plan(name, qubes):
             raise CommandExecutionError(
                 "qube {} was routed through {} from {}, which no longer exists: set its "
                 "netvm yourself (qvm-prefs {} netvm QUBE) and unset the record "
-                "(qvm-features --unset {} {})".format(
-                    client, name, previous, client, client, PREVIOUS_NETVM_FEATURE
-                )
+                "(qvm-features --unset {} {})".format(client, name, previous, client, client, PREVIOUS_NETVM_FEATURE)
             )
         changes = {}
         # A netvm changed by hand after the build is the user's choice and stays.

@@ -34,9 +34,7 @@ def _finish(name, claim, problems):
 
 
 def _window(qube, clients, dns_names):
-    return __salt__["sysdns.measure"](
-        qube=qube, clients=clients, names=dns_names, start_clients=not __opts__["test"]
-    )
+    return __salt__["sysdns.measure"](qube=qube, clients=clients, names=dns_names, start_clients=not __opts__["test"])
 
 
 def chain(name, netvm="sys-net", rewired=("sys-firewall",)):

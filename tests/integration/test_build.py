@@ -20,7 +20,10 @@ ENCRYPTED_ENDPOINTS = {"uplink-dnscrypt", "uplink-doh", "uplink-doh-unbound"}
 def estate(lab):
     """Every qube's properties and features, and which qubes run."""
     listing = lab.qvm(
-        "qvm-ls", "--raw-data", "--fields", "name,class,state,template,netvm,label,provides_network,autostart,memory,vcpus",
+        "qvm-ls",
+        "--raw-data",
+        "--fields",
+        "name,class,state,template,netvm,label,provides_network,autostart,memory,vcpus",
         check=True,
     ).stdout
     snapshot = {"qubes": sorted(listing.splitlines())}
@@ -42,7 +45,9 @@ def mutating(calls):
             found.append(argv)
         elif tool == "qvm-prefs" and len([arg for arg in argv[1:] if not arg.startswith("-")]) > 2:
             found.append(argv)
-        elif tool == "qvm-features" and (len([arg for arg in argv[1:] if not arg.startswith("-")]) > 2 or "--unset" in argv):
+        elif tool == "qvm-features" and (
+            len([arg for arg in argv[1:] if not arg.startswith("-")]) > 2 or "--unset" in argv
+        ):
             found.append(argv)
         elif tool == "qvm-run":
             found.append(argv)

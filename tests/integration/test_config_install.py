@@ -21,8 +21,10 @@ def built_lab_fixture():
 
 
 def current_files(lab):
-    listing = lab.exec("sys-dns", "cd /rw/config/sysdns && for f in *; do echo \"$f\"; done", check=True).stdout
-    return {name: lab.exec("sys-dns", ["cat", "/rw/config/sysdns/" + name], check=True).stdout for name in listing.split()}
+    listing = lab.exec("sys-dns", 'cd /rw/config/sysdns && for f in *; do echo "$f"; done', check=True).stdout
+    return {
+        name: lab.exec("sys-dns", ["cat", "/rw/config/sysdns/" + name], check=True).stdout for name in listing.split()
+    }
 
 
 def apply_files(lab, files):
@@ -38,7 +40,11 @@ def apply_files(lab, files):
     "broken_file, content, reason",
     [
         ("dnscrypt-proxy.toml", "no_such_option = true\n", "dnscrypt-proxy rejected the new configuration"),
-        ("sysdns.nft", "table inet sysdns {\n\tchain broken {\n\t\tno such rule\n\t}\n}\n", "nft rejected the new ruleset"),
+        (
+            "sysdns.nft",
+            "table inet sysdns {\n\tchain broken {\n\t\tno such rule\n\t}\n}\n",
+            "nft rejected the new ruleset",
+        ),
     ],
 )
 def test_rejected_config_keeps_running_one(built_lab, broken_file, content, reason):
@@ -82,7 +88,9 @@ def test_broken_ruleset_at_boot_fails_closed(built_lab):
     with lab.observe("sys-dns") as observer:
         answer = lab.dns_query("personal", "boot-leak.lab.test", rtype="TXT")
         observation = observer.stop()
-    assert answer["status"] != "answer" or not any("uplink-plain" in str(item) for item in answer.get("answers", [])), answer
+    assert answer["status"] != "answer" or not any("uplink-plain" in str(item) for item in answer.get("answers", [])), (
+        answer
+    )
     assert observation.dns_queries == [], observation.summary()
 
     # The next build finds the broken file and the missing table, and repairs both.

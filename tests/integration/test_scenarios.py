@@ -61,8 +61,7 @@ def endpoint(result):
 
 
 def is_encrypted_answer(result):
-    return (result["status"] == "answer" and result["rcode"] == 0
-            and endpoint(result) in ENCRYPTED_ENDPOINTS)
+    return result["status"] == "answer" and result["rcode"] == 0 and endpoint(result) in ENCRYPTED_ENDPOINTS
 
 
 def is_fail_closed(result):
@@ -75,8 +74,7 @@ def is_fail_closed(result):
 
 
 def query_txt(lab, client, server="10.139.1.1", tcp=False, name=None, timeout=2.0):
-    return lab.dns_query(client, name or unique_name(), "TXT", server=server, tcp=tcp,
-                         timeout=timeout)
+    return lab.dns_query(client, name or unique_name(), "TXT", server=server, tcp=tcp, timeout=timeout)
 
 
 def wait_resolves(lab, client="personal", timeout=RECOVERY_TIMEOUT):
@@ -135,20 +133,19 @@ def force_shutdown(lab, netvm):
     "RTNETLINK answers: File exists". On Qubes the removal of the backend vif
     removes the client's interface, so the test deletes it as that would.
     """
-    clients = [name for name, qube in lab.status()["qubes"].items()
-               if qube["netvm"] == netvm and qube["state"] == "Running"]
+    clients = [
+        name for name, qube in lab.status()["qubes"].items() if qube["netvm"] == netvm and qube["state"] == "Running"
+    ]
     qvm(lab, "qvm-shutdown", "--wait", "--force", netvm)
     for client in clients:
-        subprocess.run(["ip", "-n", lab.netns(client), "link", "delete", "eth0"],
-                       capture_output=True, check=False)
+        subprocess.run(["ip", "-n", lab.netns(client), "link", "delete", "eth0"], capture_output=True, check=False)
 
 
 def estate_of(lab, names):
     """Return each qube's prefs and features, to compare before and after a run."""
     snapshot = {}
     for name in names:
-        snapshot[name] = (qvm(lab, "qvm-prefs", name),
-                          qvm(lab, "qvm-features", name))
+        snapshot[name] = (qvm(lab, "qvm-prefs", name), qvm(lab, "qvm-features", name))
     return snapshot
 
 
@@ -241,9 +238,10 @@ def test_whonix_template_in_rewire_rejected(built_lab):
 def test_forwarding_rule_plaintext_only_to_named_server(built_lab):
     lab = built_lab
     with lab.observe("sys-dns") as observer:
-        forwarded = {server: query_txt(lab, "personal", server=server,
-                                       name=unique_name(FORWARDED_ZONE))
-                     for server in ("10.139.1.1", "198.51.100.7")}
+        forwarded = {
+            server: query_txt(lab, "personal", server=server, name=unique_name(FORWARDED_ZONE))
+            for server in ("10.139.1.1", "198.51.100.7")
+        }
         other = query_txt(lab, "personal")
         observation = observer.stop()
     for server, result in forwarded.items():
@@ -253,10 +251,10 @@ def test_forwarding_rule_plaintext_only_to_named_server(built_lab):
     assert is_encrypted_answer(other), other
     queries = observation.dns_queries
     assert queries, observation.summary()
-    assert {(packet.destination, packet.destination_port) for packet in queries} == \
-        {(PLAIN_RESOLVER, 53)}, observation.summary()
-    assert all(packet.query_name.rstrip(".").endswith(FORWARDED_ZONE) for packet in queries), \
+    assert {(packet.destination, packet.destination_port) for packet in queries} == {(PLAIN_RESOLVER, 53)}, (
         observation.summary()
+    )
+    assert all(packet.query_name.rstrip(".").endswith(FORWARDED_ZONE) for packet in queries), observation.summary()
 
 
 def test_sys_dns_restarted(built_lab):
@@ -304,8 +302,7 @@ def test_dnscrypt_proxy_killed(built_lab):
     with lab.observe("sys-dns") as observer:
         lab.exec("sys-dns", f"kill -9 {pid}", check=True)
         # systemd waits RestartSec=2 before the restart: these queries fall in the outage.
-        outage = [query_txt(lab, "personal", server=server, timeout=1.0)
-                  for server in ("10.139.1.1", PLAIN_RESOLVER)]
+        outage = [query_txt(lab, "personal", server=server, timeout=1.0) for server in ("10.139.1.1", PLAIN_RESOLVER)]
         recovery = wait_resolves(lab)
         observation = observer.stop()
     for result in outage:
@@ -322,8 +319,9 @@ def test_upstream_unreachable_then_back(built_lab):
     with lab.observe("sys-dns") as observer:
         lab.exec("sys-net", UPSTREAM_BLOCK, check=True)
         try:
-            outage = [query_txt(lab, "personal", server=server, timeout=3.0)
-                      for server in ("10.139.1.1", PLAIN_RESOLVER)]
+            outage = [
+                query_txt(lab, "personal", server=server, timeout=3.0) for server in ("10.139.1.1", PLAIN_RESOLVER)
+            ]
         finally:
             lab.exec("sys-net", UPSTREAM_UNBLOCK, check=True)
         recovery = wait_resolves(lab)
@@ -347,9 +345,9 @@ def test_boot_window_leaks_nothing(built_lab):
         count = 0
         while not stop.is_set():
             server = servers[count % len(servers)]
-            results.append((time.monotonic(), server,
-                            query_txt(lab, "personal", server=server, tcp=count % 2 == 1,
-                                      timeout=0.3)))
+            results.append(
+                (time.monotonic(), server, query_txt(lab, "personal", server=server, tcp=count % 2 == 1, timeout=0.3))
+            )
             count += 1
 
     force_shutdown(lab, "sys-dns")
@@ -366,8 +364,7 @@ def test_boot_window_leaks_nothing(built_lab):
             stop.set()
             sender.join()
         observation = observer.stop()
-    first_answer = min((when for when, _, result in results if is_encrypted_answer(result)),
-                       default=None)
+    first_answer = min((when for when, _, result in results if is_encrypted_answer(result)), default=None)
     assert first_answer is not None, "no query of the sender got an encrypted answer"
     in_window = [result for when, _, result in results if started <= when < first_answer]
     # The window was probed: queries went out between qvm-start and the first answer.
@@ -379,8 +376,7 @@ def test_boot_window_leaks_nothing(built_lab):
 
 def test_template_updated(built_lab):
     lab = built_lab
-    update = lab.qvm("qvm-run", "-p", "-u", "root", "tpl-sys-dns",
-                     "apt-get update && apt-get -y upgrade", timeout=600)
+    update = lab.qvm("qvm-run", "-p", "-u", "root", "tpl-sys-dns", "apt-get update && apt-get -y upgrade", timeout=600)
     assert update.returncode == 0, update.stdout + update.stderr
     # apt reached the lab mirror through the updates proxy.
     assert "http://deb.debian.org/debian" in update.stdout, update.stdout

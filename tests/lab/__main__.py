@@ -17,8 +17,11 @@ from .lab import (
 
 def command_up(args):
     install_signal_handlers()
-    lab = Lab.up(prefix=args.prefix, disposable_firewall=args.disposable_firewall,
-                 running=() if args.no_start else DEFAULT_RUNNING)
+    lab = Lab.up(
+        prefix=args.prefix,
+        disposable_firewall=args.disposable_firewall,
+        running=() if args.no_start else DEFAULT_RUNNING,
+    )
     timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in lab.timings.items())
     print(f"lab {lab.prefix} is up ({timings})")
     print(f"run dir: {lab.run_dir}")
@@ -38,16 +41,17 @@ def command_status(args):
     print(f"lab {status['prefix']}: {status['run_dir']}")
     width = max(len(name) for name in status["qubes"])
     for name, qube in sorted(status["qubes"].items()):
-        print(f"  {name:{width}s}  {qube['class']:12s} {qube['state']:9s} "
-              f"netvm={qube['netvm'] or '-':14s} ip={qube['ip'] or '-'}")
+        print(
+            f"  {name:{width}s}  {qube['class']:12s} {qube['state']:9s} "
+            f"netvm={qube['netvm'] or '-':14s} ip={qube['ip'] or '-'}"
+        )
     return 0
 
 
 def command_shell(args):
     lab = Lab.attach(args.prefix)
     app = lab.store()
-    argv = lab.runtime.container_argv(lab.runtime.init_pid(app, args.qube),
-                                      ["/bin/bash", "-l"], user=args.user)
+    argv = lab.runtime.container_argv(lab.runtime.init_pid(app, args.qube), ["/bin/bash", "-l"], user=args.user)
     os.execvp(argv[0], argv)
     return 1
 
@@ -68,20 +72,23 @@ def command_down(args):
 def _single_run():
     runs = list_runs()
     if len(runs) != 1:
-        raise SystemExit("pass --prefix: " + ("no lab run found" if not runs else
-                                              f"several lab runs exist: {', '.join(runs)}"))
+        raise SystemExit(
+            "pass --prefix: " + ("no lab run found" if not runs else f"several lab runs exist: {', '.join(runs)}")
+        )
     return runs[0]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python3 -m tests.lab",
-                                     description="offline Qubes lab of qubes-sysdns-formula")
+    parser = argparse.ArgumentParser(
+        prog="python3 -m tests.lab", description="offline Qubes lab of qubes-sysdns-formula"
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create a lab run and boot the default qubes")
     up.add_argument("--prefix", help="run prefix (default: a random 'sl' + 4 hex digits)")
-    up.add_argument("--disposable-firewall", action="store_true",
-                    help="make sys-firewall a named disposable of default-dvm")
+    up.add_argument(
+        "--disposable-firewall", action="store_true", help="make sys-firewall a named disposable of default-dvm"
+    )
     up.add_argument("--no-start", action="store_true", help="create the estate, boot nothing")
     status = sub.add_parser("status", help="show the qubes of a run")
     status.add_argument("--prefix")
@@ -96,8 +103,7 @@ def main(argv=None):
     group.add_argument("--all", action="store_true", help="remove every lab run")
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    commands = {"up": command_up, "status": command_status, "shell": command_shell,
-                "down": command_down}
+    commands = {"up": command_up, "status": command_status, "shell": command_shell, "down": command_down}
     try:
         return commands[args.command](args)
     except (LookupError, RuntimeError, ValueError) as error:

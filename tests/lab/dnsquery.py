@@ -22,8 +22,10 @@ TYPES = {"A": 1, "NS": 2, "TXT": 16, "AAAA": 28}
 def build_query(name, rtype):
     identifier = secrets.randbits(16)
     header = struct.pack("!HHHHHH", identifier, 0x0100, 1, 0, 0, 0)
-    question = b"".join(bytes([len(label)]) + label.encode("ascii")
-                        for label in name.rstrip(".").split(".") if label) + b"\x00"
+    question = (
+        b"".join(bytes([len(label)]) + label.encode("ascii") for label in name.rstrip(".").split(".") if label)
+        + b"\x00"
+    )
     return identifier, header + question + struct.pack("!HH", TYPES[rtype], 1)
 
 
@@ -49,8 +51,8 @@ def parse_response(message, identifier):
     records = []
     for _ in range(answers):
         position = skip_name(message, position)
-        rtype, _, _, length = struct.unpack("!HHIH", message[position:position + 10])
-        data = message[position + 10:position + 10 + length]
+        rtype, _, _, length = struct.unpack("!HHIH", message[position : position + 10])
+        data = message[position + 10 : position + 10 + length]
         position += 10 + length
         if rtype == TYPES["A"]:
             records.append(str(ipaddress.IPv4Address(data)))
@@ -59,7 +61,7 @@ def parse_response(message, identifier):
         elif rtype == TYPES["TXT"]:
             texts, offset = [], 0
             while offset < len(data):
-                texts.append(data[offset + 1:offset + 1 + data[offset]].decode("utf-8", "replace"))
+                texts.append(data[offset + 1 : offset + 1 + data[offset]].decode("utf-8", "replace"))
                 offset += 1 + data[offset]
             records.append("".join(texts))
     return {"status": "answer", "rcode": flags & 0x0F, "answers": records}
@@ -92,8 +94,7 @@ def query(server, name, rtype="A", port=53, tcp=False, timeout=2.0):
     except socket.timeout:
         return {"status": "error", "error": "timeout"}
     except OSError as error:
-        return {"status": "error", "error": error.strerror or str(error),
-                "errno": error.errno}
+        return {"status": "error", "error": error.strerror or str(error), "errno": error.errno}
     except (ValueError, struct.error, IndexError) as error:
         return {"status": "error", "error": f"malformed reply: {error}"}
 
@@ -107,8 +108,7 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("name")
     args = parser.parse_args(argv)
-    print(json.dumps(query(args.server, args.name, args.type, args.port, args.tcp,
-                           args.timeout)))
+    print(json.dumps(query(args.server, args.name, args.type, args.port, args.tcp, args.timeout)))
     return 0
 
 

@@ -43,19 +43,14 @@ class QubesArgumentParser(argparse.ArgumentParser):
     def __init__(self, vmname_nargs=None, **kwargs):
         super().__init__(add_help=False, **kwargs)
         self.vmname_nargs = vmname_nargs
-        self.add_argument("--verbose", "-v", action="count", default=1,
-                          help="increase verbosity")
-        self.add_argument("--quiet", "-q", action="count", default=0,
-                          help="decrease verbosity")
+        self.add_argument("--verbose", "-v", action="count", default=1, help="increase verbosity")
+        self.add_argument("--quiet", "-q", action="count", default=0, help="decrease verbosity")
         self.add_argument("--force-root", action="store_true", help=argparse.SUPPRESS)
-        self.add_argument("--help", "-h", action="help",
-                          help="show this help message and exit")
+        self.add_argument("--help", "-h", action="help", help="show this help message and exit")
         if vmname_nargs in ("*", "+"):
             group = self.add_mutually_exclusive_group(required=vmname_nargs == "+")
-            group.add_argument("--all", action="store_true", dest="all_domains",
-                               help="perform the action on all qubes")
-            self.add_argument("--exclude", action="append", default=[],
-                              help="exclude the qube from --all")
+            group.add_argument("--all", action="store_true", dest="all_domains", help="perform the action on all qubes")
+            self.add_argument("--exclude", action="append", default=[], help="exclude the qube from --all")
             group.add_argument("VMNAME", nargs="*", default=[])
         elif vmname_nargs is not None:
             self.add_argument("VMNAME", nargs=vmname_nargs)
@@ -66,12 +61,10 @@ class QubesArgumentParser(argparse.ArgumentParser):
     def resolve_domains(self, args, app):
         """Turn VMNAME arguments into Domains (parser.error for unknown names)."""
         if getattr(args, "all_domains", False):
-            return [vm for vm in app.domains()
-                    if vm.klass != "AdminVM" and vm.name not in args.exclude]
+            return [vm for vm in app.domains() if vm.klass != "AdminVM" and vm.name not in args.exclude]
         if getattr(args, "exclude", None):
             self.error("--exclude can only be used with --all")
-        names = args.VMNAME if isinstance(args.VMNAME, list) else (
-            [args.VMNAME] if args.VMNAME is not None else [])
+        names = args.VMNAME if isinstance(args.VMNAME, list) else ([args.VMNAME] if args.VMNAME is not None else [])
         domains = []
         for name in names:
             try:
@@ -117,6 +110,7 @@ def _vm_getter(vm):
     def getter(name):
         prop = vm.prop_def(name)
         return prop, vm.get(name)
+
     return getter
 
 
@@ -124,6 +118,7 @@ def _app_getter(app):
     def getter(name):
         prop = app.global_prop(name)
         return prop, app.get_global(name)
+
     return getter
 
 
@@ -145,16 +140,19 @@ class Tools:
 
     def _prefs_parser(self, prog, vmname_nargs):
         parser = QubesArgumentParser(prog=prog, vmname_nargs=vmname_nargs)
-        parser.add_argument("--help-properties", action="store_true",
-                            help="list all available properties with short descriptions")
-        parser.add_argument("--hide-default", action="store_true",
-                            help="Do not show properties that are set to the default value.")
+        parser.add_argument(
+            "--help-properties", action="store_true", help="list all available properties with short descriptions"
+        )
+        parser.add_argument(
+            "--hide-default", action="store_true", help="Do not show properties that are set to the default value."
+        )
         parser.add_argument("--get", "-g", action="store_true", help="Ignored.")
         parser.add_argument("--set", "-s", action="store_true", help="Ignored.")
         parser.add_argument("property", metavar="PROPERTY", nargs="?")
         parser.add_argument("value", metavar="VALUE", nargs="?")
-        parser.add_argument("--default", "-D", dest="delete", action="store_true",
-                            help="reset property to its default value")
+        parser.add_argument(
+            "--default", "-D", dest="delete", action="store_true", help="reset property to its default value"
+        )
         return parser
 
     def qvm_prefs(self, argv):
@@ -168,8 +166,7 @@ class Tools:
                 return self._prefs_change(parser, args, app, vm)
         app = self.store.read()
         vm = parser.resolve_domains(args, app)[0]
-        return self._prefs_show(parser, args, vm.property_list(), _vm_getter(vm),
-                                vm.is_default, vm.prop_def)
+        return self._prefs_show(parser, args, vm.property_list(), _vm_getter(vm), vm.is_default, vm.prop_def)
 
     def qubes_prefs(self, argv):
         parser = self._prefs_parser("qubes-prefs", None)
@@ -181,8 +178,7 @@ class Tools:
                 return self._prefs_change(parser, args, app, None)
         app = self.store.read()
         names = sorted(prop.name for prop in GLOBAL_PROPERTIES)
-        return self._prefs_show(parser, args, names, _app_getter(app),
-                                app.global_is_default, app.global_prop)
+        return self._prefs_show(parser, args, names, _app_getter(app), app.global_is_default, app.global_prop)
 
     def _prefs_show(self, parser, args, names, getter, is_default, prop_def):
         if args.help_properties:
@@ -222,8 +218,7 @@ class Tools:
             parser.error("the following arguments are required: PROPERTY")
         if args.value is not None:
             value = args.value
-            if value.lower() == "none" and name in (
-                    "default_dispvm", "netvm", "template", "guivm", "audiovm"):
+            if value.lower() == "none" and name in ("default_dispvm", "netvm", "template", "guivm", "audiovm"):
                 value = ""
             try:
                 if vm is None:
@@ -248,8 +243,7 @@ class Tools:
 
     def _set_vm_property(self, app, vm, name, value):
         old_netvm = vm.get("netvm") if name == "netvm" else None
-        if name == "netvm" and value and app.is_running(vm.name) and value in app \
-                and not app.is_running(value):
+        if name == "netvm" and value and app.is_running(vm.name) and value in app and not app.is_running(value):
             raise VMNotStartedError(value, f"Cannot dynamically attach to stopped qube {value}")
         vm.set(name, value)
         self._after_property_change(app, vm, name, old_netvm)
@@ -259,8 +253,7 @@ class Tools:
         if name == "netvm" and app.is_running(vm.name):
             default = vm.prop_def("netvm").default(vm)
             if default is not None and not app.is_running(default.name):
-                raise VMNotStartedError(
-                    default.name, f"Cannot dynamically attach to stopped qube {default.name}")
+                raise VMNotStartedError(default.name, f"Cannot dynamically attach to stopped qube {default.name}")
         vm.reset(name)
         self._after_property_change(app, vm, name, old_netvm)
 
@@ -275,12 +268,12 @@ class Tools:
     # qvm-features / qvm-service / qvm-tags
 
     def qvm_features(self, argv):
-        parser = QubesArgumentParser(prog="qvm-features", vmname_nargs=1,
-                                     description="manage domain's features")
+        parser = QubesArgumentParser(prog="qvm-features", vmname_nargs=1, description="manage domain's features")
         parser.add_argument("feature", metavar="FEATURE", nargs="?")
         parser.add_argument("value", metavar="VALUE", nargs="?")
-        parser.add_argument("--unset", "--default", "--delete", "-D", dest="delete",
-                            action="store_true", help="unset the feature")
+        parser.add_argument(
+            "--unset", "--default", "--delete", "-D", dest="delete", action="store_true", help="unset the feature"
+        )
         args = parser.parse_args(argv)
         if args.feature is None:
             if args.delete:
@@ -313,13 +306,15 @@ class Tools:
         return 0
 
     def qvm_service(self, argv):
-        parser = QubesArgumentParser(prog="qvm-service", vmname_nargs=1,
-                                     argument_default=argparse.SUPPRESS,
-                                     description="manage domain's services")
+        parser = QubesArgumentParser(
+            prog="qvm-service",
+            vmname_nargs=1,
+            argument_default=argparse.SUPPRESS,
+            description="manage domain's services",
+        )
         parser.add_argument("service", metavar="SERVICE", nargs="?")
         parser.add_argument("value", metavar="VALUE", nargs="?")
-        parser.add_argument("--unset", "--default", "--delete", "-D", dest="delete",
-                            default=False, action="store_true")
+        parser.add_argument("--unset", "--default", "--delete", "-D", dest="delete", default=False, action="store_true")
         parser.add_argument("--list", "-l", dest="list", action="store_true")
         parser.add_argument("--enable", "-e", dest="value", action="store_const", const="1")
         parser.add_argument("--disable", "-d", dest="value", action="store_const", const="0")
@@ -331,8 +326,13 @@ class Tools:
             if args.delete:
                 parser.error("--unset requires a feature")
             vm = parser.resolve_domains(args, self.store.read())[0]
-            print_table([(key[len("service."):], "on" if feature else "off")
-                         for key, feature in vm.features.items() if key.startswith("service.")])
+            print_table(
+                [
+                    (key[len("service.") :], "on" if feature else "off")
+                    for key, feature in vm.features.items()
+                    if key.startswith("service.")
+                ]
+            )
             return 0
 
         key = "service." + service
@@ -370,13 +370,13 @@ class Tools:
         for key in list(entries):
             if key.startswith(("/qubes-service/", "/vm-config/")):
                 del entries[key]
-        entries.update({key: value for key, value in fresh.items()
-                        if key.startswith(("/qubes-service/", "/vm-config/"))})
+        entries.update(
+            {key: value for key, value in fresh.items() if key.startswith(("/qubes-service/", "/vm-config/"))}
+        )
         qubesdb.write_tree(directory, entries)
 
     def qvm_tags(self, argv):
-        parser = QubesArgumentParser(prog="qvm-tags", vmname_nargs=1,
-                                     description="manage domain's tags")
+        parser = QubesArgumentParser(prog="qvm-tags", vmname_nargs=1, description="manage domain's tags")
         sub = parser.add_subparsers(dest="command", title="commands")
         list_parser = sub.add_parser("list", aliases=["ls", "l"], help="list tags")
         list_parser.add_argument("tag", nargs="?", default=None)
@@ -386,8 +386,9 @@ class Tools:
         del_parser.add_argument("tag", nargs=1)
         args = parser.parse_args(argv)
 
-        command = {"ls": "list", "l": "list", "a": "add", "set": "add", "d": "del",
-                   "unset": "del", "u": "del"}.get(args.command, args.command or "list")
+        command = {"ls": "list", "l": "list", "a": "add", "set": "add", "d": "del", "unset": "del", "u": "del"}.get(
+            args.command, args.command or "list"
+        )
         if command == "list":
             vm = parser.resolve_domains(args, self.store.read())[0]
             tag = getattr(args, "tag", None)
@@ -415,8 +416,9 @@ class Tools:
     # qvm-ls
 
     def qvm_ls(self, argv):
-        parser = QubesArgumentParser(prog="qvm-ls", vmname_nargs="*",
-                                     description="List Qubes domains and their parameters.")
+        parser = QubesArgumentParser(
+            prog="qvm-ls", vmname_nargs="*", description="List Qubes domains and their parameters."
+        )
         parser.add_argument("--help-columns", action="store_true")
         parser.add_argument("--help-formats", action="store_true")
         formats = parser.add_mutually_exclusive_group()
@@ -431,10 +433,8 @@ class Tools:
         parser.add_argument("--no-spinner", action="store_false", dest="spinner")
         parser.add_argument("--raw-list", action="store_true")
         parser.add_argument("--disk", "-d", action="store_const", dest="format", const="disk")
-        parser.add_argument("--network", "-n", action="store_const", dest="format",
-                            const="network")
-        parser.add_argument("--kernel", "-k", action="store_const", dest="format",
-                            const="kernel")
+        parser.add_argument("--network", "-n", action="store_const", dest="format", const="network")
+        parser.add_argument("--kernel", "-k", action="store_const", dest="format", const="kernel")
         args = parser.parse_args(argv)
 
         if args.help_formats:
@@ -447,8 +447,10 @@ class Tools:
             print("Available columns:")
             for head in sorted(LS_SPECIAL_COLUMNS):
                 print(f"  {head}")
-            print("\nAdditionally any VM property may be used as a column, see "
-                  "qvm-prefs --help-properties for available values")
+            print(
+                "\nAdditionally any VM property may be used as a column, see "
+                "qvm-prefs --help-properties for available values"
+            )
             return 0
 
         app = self.store.read()
@@ -456,19 +458,18 @@ class Tools:
         if args.raw_list:
             args.raw_data = True
             args.fields = "name"
-        columns = ([column.strip() for column in args.fields.split(",")]
-                   if args.fields else list(LS_FORMATS[args.format]))
+        columns = (
+            [column.strip() for column in args.fields.split(",")] if args.fields else list(LS_FORMATS[args.format])
+        )
         if args.all_domains:
             domains = [vm for vm in app.domains() if vm.name not in args.exclude]
         elif not args.VMNAME:
             domains = app.domains()
         if args.tags:
             domains = [vm for vm in domains if set(vm.tags) & set(args.tags)]
-        wanted_states = [state for state in ("running", "paused", "halted")
-                         if getattr(args, state)]
+        wanted_states = [state for state in ("running", "paused", "halted") if getattr(args, state)]
         if wanted_states:
-            domains = [vm for vm in domains
-                       if power_state(app, vm).lower() in wanted_states]
+            domains = [vm for vm in domains if power_state(app, vm).lower() in wanted_states]
         domains = sorted(domains, key=lambda vm: vm.name)
 
         rows = [[ls_cell(app, vm, column) for column in columns] for vm in domains]
@@ -491,8 +492,9 @@ class Tools:
         parser.add_argument("--class", "-C", dest="cls", default="AppVM")
         parser.add_argument("--standalone", action="store_true")
         parser.add_argument("--disp", action="store_true")
-        parser.add_argument("--property", "--prop", action="append", default=[],
-                            dest="properties", metavar="NAME=VALUE")
+        parser.add_argument(
+            "--property", "--prop", action="append", default=[], dest="properties", metavar="NAME=VALUE"
+        )
         parser.add_argument("--pool", "-p", action="append", metavar="VOLUME_NAME=POOL_NAME")
         parser.add_argument("-P", metavar="POOL_NAME", dest="one_pool", default="")
         parser.add_argument("--template", "-t")
@@ -530,8 +532,7 @@ class Tools:
         if args.name is None:
             parser.error("VMNAME is mandatory")
         if args.root_copy_from or args.root_move_from:
-            parser.error("--root-copy-from/--root-move-from: importing a root image "
-                         "is not reproduced in the lab")
+            parser.error("--root-copy-from/--root-move-from: importing a root image is not reproduced in the lab")
         if label not in LABELS and not (label.isdigit() and int(label) in LABELS.values()):
             parser.error(f"no such label: {label!r}; available: {', '.join(LABELS)}")
         if label.isdigit():
@@ -544,8 +545,7 @@ class Tools:
         with self.store.transaction() as app:
             try:
                 if args.cls == "StandaloneVM" and template is not None:
-                    vm = self._clone(app, template, args.name, "StandaloneVM",
-                                     ignore_errors=False, private=False)
+                    vm = self._clone(app, template, args.name, "StandaloneVM", ignore_errors=False, private=False)
                     vm.props["label"] = label
                 else:
                     vm = app.add_vm(args.cls, args.name, label, template)
@@ -558,8 +558,7 @@ class Tools:
                 try:
                     self._set_vm_property(app, vm, key.replace("-", "_"), value)
                 except QubesError as error:
-                    log.emit("app", f"Error setting property {key} (but VM created): "
-                                    f"{error}", "error")
+                    log.emit("app", f"Error setting property {key} (but VM created): {error}", "error")
                     code = 2
         return code
 
@@ -578,8 +577,7 @@ class Tools:
         with self.store.transaction() as app:
             source = parser.resolve_domains(args, app)[0]
             try:
-                self._clone(app, source.name, args.new_name, args.cls,
-                            ignore_errors=args.ignore_errors, private=True)
+                self._clone(app, source.name, args.new_name, args.cls, ignore_errors=args.ignore_errors, private=True)
             except QubesError as error:
                 parser.error_runtime(error)
         return 0
@@ -591,8 +589,7 @@ class Tools:
         template = source.template_or_none()
         if new_class in ("TemplateVM", "StandaloneVM"):
             template = None
-        vm = app.add_vm(new_class, new_name, source.get("label").name,
-                        template.name if template is not None else None)
+        vm = app.add_vm(new_class, new_name, source.get("label").name, template.name if template is not None else None)
         skip = {"name", "qid", "template", "label", "uuid", "installed_by_rpm", "dispid"}
         for name in source.property_list():
             if name in skip or source.is_default(name) or name not in vm.property_defs():
@@ -617,19 +614,19 @@ class Tools:
         target_dir = self.layout.qube_dir(vm.name)
         target_dir.mkdir(parents=True, exist_ok=True)
         if private and (source_dir / "rw").exists():
-            subprocess.run(["cp", "-a", "--", str(source_dir / "rw"), str(target_dir / "rw")],
-                           check=True)
+            subprocess.run(["cp", "-a", "--", str(source_dir / "rw"), str(target_dir / "rw")], check=True)
         else:
             (target_dir / "rw").mkdir(exist_ok=True)
-        if source.klass in ("TemplateVM", "StandaloneVM") and \
-                vm.klass in ("TemplateVM", "StandaloneVM"):
+        if source.klass in ("TemplateVM", "StandaloneVM") and vm.klass in ("TemplateVM", "StandaloneVM"):
             vm.lab["image"] = source.lab.get("image")
             layers = list(source.lab.get("layers", []))
             if layers:
                 (target_dir / "layers").mkdir(exist_ok=True)
             for layer in layers:
-                subprocess.run(["cp", "-a", "--", str(source_dir / "layers" / layer),
-                                str(target_dir / "layers" / layer)], check=True)
+                subprocess.run(
+                    ["cp", "-a", "--", str(source_dir / "layers" / layer), str(target_dir / "layers" / layer)],
+                    check=True,
+                )
             vm.lab["layers"] = layers
 
     def qvm_remove(self, argv):
@@ -654,8 +651,7 @@ class Tools:
                 try:
                     app.remove_vm(vm.name)
                 except VMInUseError as error:
-                    dependencies = app.dependencies(app.domain(vm.name)) \
-                        if vm.name in app else []
+                    dependencies = app.dependencies(app.domain(vm.name)) if vm.name in app else []
                     if dependencies:
                         print(f"VM {vm.name} cannot be removed. It is in use as:")
                         for holder, prop in dependencies:
@@ -672,8 +668,7 @@ class Tools:
     # qvm-start / qvm-shutdown / qvm-kill / qvm-check
 
     def qvm_start(self, argv):
-        parser = QubesArgumentParser(prog="qvm-start", vmname_nargs="+",
-                                     description="start a domain")
+        parser = QubesArgumentParser(prog="qvm-start", vmname_nargs="+", description="start a domain")
         parser.add_argument("--skip-if-running", action="store_true")
         drive = parser.add_mutually_exclusive_group()
         drive.add_argument("--drive", metavar="DRIVE")
@@ -735,8 +730,7 @@ class Tools:
             self._wait_halted(this_round, args.timeout, args.dry_run, parser)
         if args.wait:
             app = self.store.read()
-            failed = [vm.name for vm in domains if app.power_state(vm.name) != "Halted"
-                      and vm.name in app]
+            failed = [vm.name for vm in domains if app.power_state(vm.name) != "Halted" and vm.name in app]
             if failed:
                 parser.error_runtime("Failed to shut down: " + ", ".join(failed), len(failed))
         return 0
@@ -747,8 +741,7 @@ class Tools:
         while pending and time.monotonic() < deadline:
             self.runtime.reconcile()
             app = self.store.read()
-            pending = [name for name in pending
-                       if name in app and app.power_state(name) != "Halted"]
+            pending = [name for name in pending if name in app and app.power_state(name) != "Halted"]
             if pending:
                 time.sleep(0.1)
         if dry_run:
@@ -762,8 +755,7 @@ class Tools:
                 parser.error_runtime(error)
 
     def qvm_kill(self, argv):
-        parser = QubesArgumentParser(prog="qvm-kill", vmname_nargs="+",
-                                     description="forceful shutdown of a domain")
+        parser = QubesArgumentParser(prog="qvm-kill", vmname_nargs="+", description="forceful shutdown of a domain")
         args = parser.parse_args(argv)
         domains = parser.resolve_domains(args, self.store.read())
         exit_code = 0
@@ -791,8 +783,7 @@ class Tools:
         log = ToolLog(args)
 
         if args.all_domains:
-            domains = [vm for vm in app.domains()
-                       if vm.klass != "AdminVM" and vm.name not in args.exclude]
+            domains = [vm for vm in app.domains() if vm.klass != "AdminVM" and vm.name not in args.exclude]
             invalid = []
         else:
             if args.exclude:
@@ -842,24 +833,19 @@ class Tools:
         parser = QubesArgumentParser(prog="qvm-run")
         parser.add_argument("--user", "-u", metavar="USER")
         parser.add_argument("--autostart", "--auto", "-a", action="store_true", default=True)
-        parser.add_argument("--no-autostart", "--no-auto", "-n", action="store_false",
-                            dest="autostart")
+        parser.add_argument("--no-autostart", "--no-auto", "-n", action="store_false", dest="autostart")
         parser.add_argument("--pass-io", "-p", action="store_true", dest="passio")
         parser.add_argument("--localcmd", metavar="COMMAND")
         parser.add_argument("--gui", action="store_true", default=None)
         parser.add_argument("--no-gui", "--nogui", action="store_false", dest="gui")
-        parser.add_argument("--colour-output", "--color-output", dest="color_output",
-                            default=None)
-        parser.add_argument("--colour-stderr", "--color-stderr", dest="color_stderr",
-                            default=None)
-        parser.add_argument("--no-colour-output", "--no-color-output",
-                            action="store_false", dest="color_output")
-        parser.add_argument("--no-colour-stderr", "--no-color-stderr",
-                            action="store_false", dest="color_stderr")
-        parser.add_argument("--filter-escape-chars", action="store_true", dest="filter_esc",
-                            default=os.isatty(sys.stdout.fileno()))
-        parser.add_argument("--no-filter-escape-chars", action="store_false",
-                            dest="filter_esc")
+        parser.add_argument("--colour-output", "--color-output", dest="color_output", default=None)
+        parser.add_argument("--colour-stderr", "--color-stderr", dest="color_stderr", default=None)
+        parser.add_argument("--no-colour-output", "--no-color-output", action="store_false", dest="color_output")
+        parser.add_argument("--no-colour-stderr", "--no-color-stderr", action="store_false", dest="color_stderr")
+        parser.add_argument(
+            "--filter-escape-chars", action="store_true", dest="filter_esc", default=os.isatty(sys.stdout.fileno())
+        )
+        parser.add_argument("--no-filter-escape-chars", action="store_false", dest="filter_esc")
         parser.add_argument("--service", action="store_true")
         parser.add_argument("--no-shell", action="store_true")
         target = parser.add_mutually_exclusive_group()
@@ -891,15 +877,17 @@ class Tools:
         if args.dispvm:
             domains = [self._create_dispvm(args.dispvm)]
         elif args.all_domains:
-            domains = [vm for vm in app.domains() if vm.klass != "AdminVM"
-                       and vm.name not in args.exclude and app.is_running(vm.name)]
+            domains = [
+                vm
+                for vm in app.domains()
+                if vm.klass != "AdminVM" and vm.name not in args.exclude and app.is_running(vm.name)
+            ]
         else:
             if args.VMNAME is None:
                 parser.error("the following arguments are required: VMNAME")
             domains = parser.resolve_domains(args, app)
         if len(domains) > 1 and args.passio:
-            parser.error("--passio cannot be used when more than 1 qube is chosen and no "
-                         "--localcmd is used")
+            parser.error("--passio cannot be used when more than 1 qube is chosen and no --localcmd is used")
 
         verbose = args.verbose - args.quiet - (1 if args.passio else 0)
         if args.cmd_args or args.no_shell:
@@ -912,8 +900,7 @@ class Tools:
         try:
             for vm in domains:
                 if vm.klass == "AdminVM":
-                    log.emit(vm.name, "running commands in dom0 through qvm-run is not "
-                                      "reproduced in the lab", "error")
+                    log.emit(vm.name, "running commands in dom0 through qvm-run is not reproduced in the lab", "error")
                     return 255
                 state = self.store.read().power_state(vm.name)
                 if not args.autostart and state != "Running":
@@ -966,11 +953,15 @@ class Tools:
         app = self.store.read()
         user = args.user or vm.get("default_user")
         argv = self.runtime.container_argv(
-            self.runtime.init_pid(app, vm.name), ["/bin/bash"], user=user,
-            extra_env={"QREXEC_REMOTE_DOMAIN": "dom0",
-                       "QREXEC_SERVICE_FULL_NAME": "qubes.VMShell"})
-        argv[argv.index("/usr/bin/env") + 1:argv.index("/usr/bin/env") + 1] = \
-            ["-C", "/root" if user == "root" else f"/home/{user}"]
+            self.runtime.init_pid(app, vm.name),
+            ["/bin/bash"],
+            user=user,
+            extra_env={"QREXEC_REMOTE_DOMAIN": "dom0", "QREXEC_SERVICE_FULL_NAME": "qubes.VMShell"},
+        )
+        argv[argv.index("/usr/bin/env") + 1 : argv.index("/usr/bin/env") + 1] = [
+            "-C",
+            "/root" if user == "root" else f"/home/{user}",
+        ]
 
         command = shell_command.rstrip("\n").encode("utf-8") + b"; exit\n"
         stdout = None if args.passio else subprocess.DEVNULL
@@ -978,8 +969,7 @@ class Tools:
             sys.stdout.write(f"\033[0;{args.color_output}m")
             sys.stdout.flush()
 
-        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=stdout,
-                                   stderr=stdout)
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=stdout, stderr=stdout)
         process.stdin.write(command)
         process.stdin.flush()
         if args.passio:
@@ -1028,8 +1018,9 @@ def print_table(rows):
     rows = [[str(cell) for cell in row] for row in rows]
     if not rows:
         return
-    widths = [max(len(row[index]) for row in rows if index < len(row))
-              for index in range(max(len(row) for row in rows))]
+    widths = [
+        max(len(row[index]) for row in rows if index < len(row)) for index in range(max(len(row) for row in rows))
+    ]
     for row in rows:
         cells = [cell.ljust(widths[index]) for index, cell in enumerate(row)]
         print("  ".join(cells).rstrip())
@@ -1042,11 +1033,22 @@ LS_FORMATS = {
     "network": ("name", "state", "netvm", "ip", "ipback", "gateway"),
     "kernel": ("name", "state", "class", "template", "kernel", "kernelopts"),
     "full": ("name", "state", "class", "label", "qid", "xid", "uuid"),
-    "disk": ("name", "state", "disk", "priv-curr", "priv-max", "priv-used",
-             "root-curr", "root-max", "root-used"),
+    "disk": ("name", "state", "disk", "priv-curr", "priv-max", "priv-used", "root-curr", "root-max", "root-used"),
 }
-LS_SPECIAL_COLUMNS = ("STATE", "CLASS", "GATEWAY", "MEMORY", "DISK", "PRIV-CURR",
-                      "PRIV-MAX", "PRIV-USED", "ROOT-CURR", "ROOT-MAX", "ROOT-USED", "FLAGS")
+LS_SPECIAL_COLUMNS = (
+    "STATE",
+    "CLASS",
+    "GATEWAY",
+    "MEMORY",
+    "DISK",
+    "PRIV-CURR",
+    "PRIV-MAX",
+    "PRIV-USED",
+    "ROOT-CURR",
+    "ROOT-MAX",
+    "ROOT-USED",
+    "FLAGS",
+)
 
 
 def power_state(app, vm):
@@ -1063,8 +1065,7 @@ def ls_head(column):
 def ls_cell(app, vm, column):
     """Format one qvm-ls cell: '-' for None, unknown or empty values."""
     special = column.upper().replace("_", "-")
-    if column.upper() in LS_SPECIAL_COLUMNS or (
-            special in LS_SPECIAL_COLUMNS and column.upper() == special):
+    if column.upper() in LS_SPECIAL_COLUMNS or (special in LS_SPECIAL_COLUMNS and column.upper() == special):
         value = ls_special(app, vm, special)
     else:
         # qvm-ls treats any other column as a property named exactly as given,
@@ -1108,21 +1109,28 @@ def ls_special(app, vm, head):
 
 
 def ls_flags(app, vm):
-    codes = {"AdminVM": "0", "TemplateVM": "t", "AppVM": "a", "StandaloneVM": "s",
-             "DispVM": "d"}
+    codes = {"AdminVM": "0", "TemplateVM": "t", "AppVM": "a", "StandaloneVM": "s", "DispVM": "d"}
     letter = codes[vm.klass]
     if letter != "0" and ls_property(vm, "virt_mode") == "hvm":
         letter = letter.upper()
     state = power_state(app, vm).lower()
-    power = state[0] if state in ("running", "transient", "paused", "suspended",
-                                  "halting", "dying", "crashed") else "-"
+    power = state[0] if state in ("running", "transient", "paused", "suspended", "halting", "dying", "crashed") else "-"
 
     def flag(prop, character):
         return character if ls_property(vm, prop) == "True" else "-"
 
-    return "".join([letter, power, flag("updateable", "U"), flag("provides_network", "N"),
-                    flag("installed_by_rpm", "R"), "-", flag("debug", "D"),
-                    flag("autostart", "A")])
+    return "".join(
+        [
+            letter,
+            power,
+            flag("updateable", "U"),
+            flag("provides_network", "N"),
+            flag("installed_by_rpm", "R"),
+            "-",
+            flag("debug", "D"),
+            flag("autostart", "A"),
+        ]
+    )
 
 
 def tree_rows(app, domains, columns):
@@ -1171,8 +1179,13 @@ TOOLS = {
 
 
 def log_call(layout, argv, exit_code, started, finished):
-    entry = {"time": round(started, 6), "argv": argv, "exit_code": exit_code,
-             "duration": round(finished - started, 6), "pid": os.getpid()}
+    entry = {
+        "time": round(started, 6),
+        "argv": argv,
+        "exit_code": exit_code,
+        "duration": round(finished - started, 6),
+        "pid": os.getpid(),
+    }
     with open(layout.calls_log, "a", encoding="utf-8") as calls:
         calls.write(json.dumps(entry) + "\n")
 

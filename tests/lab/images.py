@@ -147,9 +147,7 @@ def install_lab_ca(root: Path | str, ca_pem: str) -> None:
     """
     root = Path(root)
     pem = ca_pem.strip().replace("\r\n", "\n") + "\n"
-    if not re.fullmatch(
-        r"-----BEGIN CERTIFICATE-----\n[A-Za-z0-9+/=\n]+-----END CERTIFICATE-----\n", pem
-    ):
+    if not re.fullmatch(r"-----BEGIN CERTIFICATE-----\n[A-Za-z0-9+/=\n]+-----END CERTIFICATE-----\n", pem):
         raise ValueError(
             "install_lab_ca: ca_pem must contain exactly one PEM certificate "
             "('-----BEGIN CERTIFICATE-----' ... '-----END CERTIFICATE-----'), got "
@@ -311,7 +309,12 @@ def _build(cache: Path, key: str, final: Path) -> None:
                 sorted((mirror / "debian" / "pool" / "bookworm").glob("*.deb"))
                 + sorted((mirror / "debian" / "pool" / "lab").glob("*.deb")),
             )
-            _install_packages(root, bookworm_repo, list(XFCE_PACKAGES), step="install nftables and the networking agent into debian-12-xfce")
+            _install_packages(
+                root,
+                bookworm_repo,
+                list(XFCE_PACKAGES),
+                step="install nftables and the networking agent into debian-12-xfce",
+            )
 
         with _timed(timings, "mirror indexes and signatures"):
             for suite in SUITE_RELEASES:
@@ -330,7 +333,9 @@ def _build(cache: Path, key: str, final: Path) -> None:
             "timings": timings,
             "images": {name: _tree_size(images / name) for name in IMAGE_SUITES},
             "mirror_bytes": _tree_size(mirror),
-            "mirror_packages": {suite: [f"{p.name}={p.version}" for p in packages] for suite, packages in resolved.items()},
+            "mirror_packages": {
+                suite: [f"{p.name}={p.version}" for p in packages] for suite, packages in resolved.items()
+            },
             "archive_key": str(archive_key.public),
         }
         (work / "build.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -408,9 +413,7 @@ def _configure_image(root: Path, name: str, suite: str, archive_public_key: Path
     (root / "etc/apt/sources.list").write_text(f"deb {DEBIAN_URL} {suite} main\n")
     for extra in (root / "etc/apt/sources.list.d").glob("*"):
         extra.unlink()
-    (root / "etc/apt/apt.conf.d/01qubes-proxy").write_text(
-        f'Acquire::http::Proxy "{UPDATES_PROXY_URL}";\n'
-    )
+    (root / "etc/apt/apt.conf.d/01qubes-proxy").write_text(f'Acquire::http::Proxy "{UPDATES_PROXY_URL}";\n')
     shutil.copyfile(archive_public_key, root / "etc/apt/trusted.gpg.d" / ARCHIVE_KEY_FILE)
     os.chmod(root / "etc/apt/trusted.gpg.d" / ARCHIVE_KEY_FILE, 0o644)
 
@@ -434,9 +437,17 @@ def _configure_image(root: Path, name: str, suite: str, archive_public_key: Path
     policy.write_text("#!/bin/sh\n# Lab image build: start no services.\nexit 101\n")
     policy.chmod(0o755)
 
-    _chroot(root, ["useradd", "--create-home", "--uid", str(LAB_UID), "--user-group", "--shell", "/bin/bash", LAB_USER], step=f"create user {LAB_USER} in {name}")
+    _chroot(
+        root,
+        ["useradd", "--create-home", "--uid", str(LAB_UID), "--user-group", "--shell", "/bin/bash", LAB_USER],
+        step=f"create user {LAB_USER} in {name}",
+    )
     # The Qubes 4.2 preset (vm-systemd/75-qubes-vm.preset) disables apt's timers.
-    _chroot(root, ["systemctl", "disable", "apt-daily.timer", "apt-daily-upgrade.timer"], step=f"disable apt timers in {name}")
+    _chroot(
+        root,
+        ["systemctl", "disable", "apt-daily.timer", "apt-daily-upgrade.timer"],
+        step=f"disable apt timers in {name}",
+    )
 
 
 def _finalize_image(root: Path) -> None:
@@ -463,11 +474,16 @@ def _install_packages(root: Path, repo: Path, packages: list[str], step: str) ->
     (root / lists.lstrip("/") / "partial").mkdir(parents=True, exist_ok=True)
     (root / "tmp/lab-build-sources.list").write_text("deb [trusted=yes] file:/mnt ./\n")
     apt_options = [
-        "-o", "Dir::Etc::sourcelist=/tmp/lab-build-sources.list",
-        "-o", "Dir::Etc::sourceparts=/nonexistent",
-        "-o", f"Dir::State::Lists={lists}",
-        "-o", "APT::Sandbox::User=root",
-        "-o", "Acquire::Languages=none",
+        "-o",
+        "Dir::Etc::sourcelist=/tmp/lab-build-sources.list",
+        "-o",
+        "Dir::Etc::sourceparts=/nonexistent",
+        "-o",
+        f"Dir::State::Lists={lists}",
+        "-o",
+        "APT::Sandbox::User=root",
+        "-o",
+        "Acquire::Languages=none",
     ]
     script = " && ".join(
         [
@@ -492,13 +508,32 @@ def _chroot(root: Path, argv: list[str], step: str, binds: dict[Path, str] | Non
         shlex.join(["mount", "--bind", str(source), str(root) + guest]) for source, guest in (binds or {}).items()
     ]
     command = shlex.join(
-        ["chroot", str(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-         "DEBIAN_FRONTEND=noninteractive", "LC_ALL=C", "HOME=/root", *argv]
+        [
+            "chroot",
+            str(root),
+            "/usr/bin/env",
+            "-i",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "DEBIAN_FRONTEND=noninteractive",
+            "LC_ALL=C",
+            "HOME=/root",
+            *argv,
+        ]
     )
     script = " && ".join([*mounts, "exec " + command])
     return _run(
-        ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
-         f"--mount-proc={root}/proc", "/bin/sh", "-c", script],
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--pid",
+            "--fork",
+            f"--mount-proc={root}/proc",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
         step=step,
     )
 
@@ -507,8 +542,9 @@ def _chroot(root: Path, argv: list[str], step: str, binds: dict[Path, str] | Non
 # Host-side apt: package lists, dependency resolution and downloads
 
 
-def _apt_config(apt_work: Path, name: str, lists_dir: Path, sources: list[str],
-                status: Path | None = None, preferences: str = "") -> Path:
+def _apt_config(
+    apt_work: Path, name: str, lists_dir: Path, sources: list[str], status: Path | None = None, preferences: str = ""
+) -> Path:
     """Write an APT_CONFIG file that ignores the host's apt configuration entirely."""
     folder = apt_work / name
     (folder / "empty").mkdir(parents=True, exist_ok=True)
@@ -537,8 +573,7 @@ def _apt_config(apt_work: Path, name: str, lists_dir: Path, sources: list[str],
     }
     config = folder / "apt.conf"
     config.write_text(
-        "".join(f'{key} "{value}";\n' for key, value in settings.items())
-        + f'APT::Architectures {{ "{ARCH}"; }};\n'
+        "".join(f'{key} "{value}";\n' for key, value in settings.items()) + f'APT::Architectures {{ "{ARCH}"; }};\n'
     )
     return config
 
@@ -565,8 +600,9 @@ def _apt_env(config: Path) -> dict[str, str]:
     return {**os.environ, "APT_CONFIG": str(config), "LC_ALL": "C"}
 
 
-def _resolve_mirror_packages(apt_work: Path, lists_dir: Path, agent_repo: Path,
-                             images: Path) -> dict[str, list[ResolvedPackage]]:
+def _resolve_mirror_packages(
+    apt_work: Path, lists_dir: Path, agent_repo: Path, images: Path
+) -> dict[str, list[ResolvedPackage]]:
     """Ask apt what installing MIRROR_PACKAGES needs in each minimal image.
 
     bookworm: sources bookworm and trixie, trixie pinned to priority 1 except the
@@ -579,12 +615,17 @@ def _resolve_mirror_packages(apt_work: Path, lists_dir: Path, agent_repo: Path,
         pins += f"\nPackage: {name}\nPin: release n=trixie\nPin-Priority: 500\n"
     contexts = {
         "bookworm": _apt_config(
-            apt_work, "resolve-bookworm", lists_dir,
+            apt_work,
+            "resolve-bookworm",
+            lists_dir,
             [_debian_source("bookworm"), _debian_source("trixie"), _agent_source(agent_repo)],
-            status=images / "debian-12-hard-min/var/lib/dpkg/status", preferences=pins,
+            status=images / "debian-12-hard-min/var/lib/dpkg/status",
+            preferences=pins,
         ),
         "trixie": _apt_config(
-            apt_work, "resolve-trixie", lists_dir,
+            apt_work,
+            "resolve-trixie",
+            lists_dir,
             [_debian_source("trixie"), _agent_source(agent_repo)],
             status=images / "debian-13-minimal/var/lib/dpkg/status",
         ),
@@ -593,7 +634,8 @@ def _resolve_mirror_packages(apt_work: Path, lists_dir: Path, agent_repo: Path,
     for target, config in contexts.items():
         output = _run(
             ["apt-get", "-q", "-s", "install", *MIRROR_PACKAGES],
-            env=_apt_env(config), step=f"resolve {', '.join(MIRROR_PACKAGES)} for {target}",
+            env=_apt_env(config),
+            step=f"resolve {', '.join(MIRROR_PACKAGES)} for {target}",
         )
         for package in _parse_simulated_installs(output, target):
             if package.name in AGENT_PACKAGES:
@@ -633,11 +675,14 @@ def _parse_simulated_installs(output: str, target: str) -> list[ResolvedPackage]
     return packages
 
 
-def _download_packages(apt_work: Path, lists_dir: Path, agent_repo: Path,
-                       resolved: dict[str, list[ResolvedPackage]], pool: Path) -> None:
+def _download_packages(
+    apt_work: Path, lists_dir: Path, agent_repo: Path, resolved: dict[str, list[ResolvedPackage]], pool: Path
+) -> None:
     """Download every resolved package with ``apt-get download`` into pool/<suite>/."""
     config = _apt_config(
-        apt_work, "download", lists_dir,
+        apt_work,
+        "download",
+        lists_dir,
         [_debian_source(suite) for suite in SUITE_RELEASES] + [_agent_source(agent_repo)],
     )
     for suite, packages in resolved.items():
@@ -646,7 +691,9 @@ def _download_packages(apt_work: Path, lists_dir: Path, agent_repo: Path,
         if packages:
             _run(
                 ["apt-get", "-q", "download", *[f"{p.name}={p.version}" for p in packages]],
-                env=_apt_env(config), cwd=folder, step=f"download the {suite} packages of the mirror",
+                env=_apt_env(config),
+                cwd=folder,
+                step=f"download the {suite} packages of the mirror",
             )
         downloaded = {deb.name.split("_")[0] for deb in folder.glob("*.deb")}
         missing = sorted({p.name for p in packages} - downloaded)
@@ -700,7 +747,10 @@ def _ensure_archive_key(cache: Path) -> ArchiveKey:
     os.chmod(keys, 0o700)
     with _gnupg_home() as home:
         gpg = ["gpg", "--batch", "--homedir", str(home), "--pinentry-mode", "loopback", "--passphrase", ""]
-        _run([*gpg, "--quick-generate-key", ARCHIVE_KEY_UID, "ed25519", "sign", "never"], step="generate the lab archive key")
+        _run(
+            [*gpg, "--quick-generate-key", ARCHIVE_KEY_UID, "ed25519", "sign", "never"],
+            step="generate the lab archive key",
+        )
         secret = _run([*gpg, "--armor", "--export-secret-keys"], step="export the lab archive key", secret_output=True)
         public = _run_bytes([*gpg, "--export"], step="export the lab archive public key")
     _write_atomically(key.secret, secret.encode(), mode=0o600)
@@ -729,7 +779,11 @@ def _write_suite_indexes(archive: Path, suite: str, lists_dir: Path, key: Archiv
     index_dir.mkdir(parents=True, exist_ok=True)
     packages = ""
     for pool_dir in (archive / "pool" / suite, archive / "pool" / "lab"):
-        packages += _run(["apt-ftparchive", "packages", str(pool_dir.relative_to(archive))], cwd=archive, step=f"index the {suite} pool")
+        packages += _run(
+            ["apt-ftparchive", "packages", str(pool_dir.relative_to(archive))],
+            cwd=archive,
+            step=f"index the {suite} pool",
+        )
     (index_dir / "Packages").write_text(packages)
     with gzip.open(index_dir / "Packages.gz", "wt", compresslevel=9) as stream:
         stream.write(packages)
@@ -741,19 +795,49 @@ def _write_suite_indexes(archive: Path, suite: str, lists_dir: Path, key: Archiv
     for field in ("Origin", "Label", "Suite", "Version", "Codename"):
         options += ["-o", f"APT::FTPArchive::Release::{field}={fields[field]}"]
     options += [
-        "-o", f"APT::FTPArchive::Release::Architectures={ARCH}",
-        "-o", "APT::FTPArchive::Release::Components=main",
-        "-o", f"APT::FTPArchive::Release::Description=sysdns offline lab mirror of {suite} (subset)",
+        "-o",
+        f"APT::FTPArchive::Release::Architectures={ARCH}",
+        "-o",
+        "APT::FTPArchive::Release::Components=main",
+        "-o",
+        f"APT::FTPArchive::Release::Description=sysdns offline lab mirror of {suite} (subset)",
     ]
-    release = _run(["apt-ftparchive", *options, "release", f"dists/{suite}"], cwd=archive, step=f"write the {suite} Release file")
+    release = _run(
+        ["apt-ftparchive", *options, "release", f"dists/{suite}"], cwd=archive, step=f"write the {suite} Release file"
+    )
     dist = archive / "dists" / suite
     (dist / "Release").write_text(release)
 
     with _gnupg_home() as home:
         gpg = ["gpg", "--batch", "--homedir", str(home), "--pinentry-mode", "loopback", "--passphrase", ""]
         _run([*gpg, "--import", str(key.secret)], step="import the lab archive key")
-        _run([*gpg, "--yes", "--digest-algo", "SHA512", "--clearsign", "-o", str(dist / "InRelease"), str(dist / "Release")], step=f"sign the {suite} InRelease file")
-        _run([*gpg, "--yes", "--digest-algo", "SHA512", "--armor", "--detach-sign", "-o", str(dist / "Release.gpg"), str(dist / "Release")], step=f"sign the {suite} Release file")
+        _run(
+            [
+                *gpg,
+                "--yes",
+                "--digest-algo",
+                "SHA512",
+                "--clearsign",
+                "-o",
+                str(dist / "InRelease"),
+                str(dist / "Release"),
+            ],
+            step=f"sign the {suite} InRelease file",
+        )
+        _run(
+            [
+                *gpg,
+                "--yes",
+                "--digest-algo",
+                "SHA512",
+                "--armor",
+                "--detach-sign",
+                "-o",
+                str(dist / "Release.gpg"),
+                str(dist / "Release"),
+            ],
+            step=f"sign the {suite} Release file",
+        )
 
 
 def _debian_release_fields(lists_dir: Path, suite: str) -> dict[str, str]:
@@ -839,8 +923,7 @@ def _remove_old_builds(builds: Path, keep: Path) -> None:
     """
     mounted = _mounted_paths_text()
     older = sorted(
-        (build for build in builds.iterdir()
-         if build.is_dir() and build != keep and not build.name.startswith(".")),
+        (build for build in builds.iterdir() if build.is_dir() and build != keep and not build.name.startswith(".")),
         key=lambda build: build.stat().st_mtime,
         reverse=True,
     )
@@ -865,19 +948,31 @@ def _mounted_paths_text() -> str:
 # Small helpers
 
 
-def _run(argv: list[str], step: str, env: dict[str, str] | None = None,
-         cwd: Path | None = None, log_file: Path | None = None, secret_output: bool = False) -> str:
+def _run(
+    argv: list[str],
+    step: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    log_file: Path | None = None,
+    secret_output: bool = False,
+) -> str:
     """Run a command; return its stdout or raise BuildError naming ``step``.
 
     With ``secret_output`` the command's stdout stays out of the build log.
     """
-    return _run_bytes(argv, step, env=env, cwd=cwd, log_file=log_file,
-                      secret_output=secret_output).decode(errors="replace")
+    return _run_bytes(argv, step, env=env, cwd=cwd, log_file=log_file, secret_output=secret_output).decode(
+        errors="replace"
+    )
 
 
-def _run_bytes(argv: list[str], step: str, env: dict[str, str] | None = None,
-               cwd: Path | None = None, log_file: Path | None = None,
-               secret_output: bool = False) -> bytes:
+def _run_bytes(
+    argv: list[str],
+    step: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    log_file: Path | None = None,
+    secret_output: bool = False,
+) -> bytes:
     log.debug("running %s", shlex.join(argv))
     result = subprocess.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True)
     if log_file is not None:
@@ -990,7 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every command run")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build the images and the mirror unless cached; print a JSON summary")
-    build.add_argument("--force", action="store_true", help="rebuild even when the cache is current (debootstrap roots stay cached)")
+    build.add_argument(
+        "--force", action="store_true", help="rebuild even when the cache is current (debootstrap roots stay cached)"
+    )
     commands.add_parser("info", help="print the JSON summary of the current build, or {} when there is none")
     arguments = parser.parse_args(argv)
     logging.basicConfig(

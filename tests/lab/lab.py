@@ -30,19 +30,38 @@ from .uplink import Uplink, load_stamps
 
 log = logging.getLogger(__name__)
 
-DOM0_TOOLS = ("qvm-ls", "qvm-prefs", "qvm-features", "qvm-service", "qvm-tags",
-              "qvm-create", "qvm-clone", "qvm-remove", "qvm-start", "qvm-shutdown",
-              "qvm-kill", "qvm-check", "qvm-run", "qubes-prefs", "qubesctl")
+DOM0_TOOLS = (
+    "qvm-ls",
+    "qvm-prefs",
+    "qvm-features",
+    "qvm-service",
+    "qvm-tags",
+    "qvm-create",
+    "qvm-clone",
+    "qvm-remove",
+    "qvm-start",
+    "qvm-shutdown",
+    "qvm-kill",
+    "qvm-check",
+    "qvm-run",
+    "qubes-prefs",
+    "qubesctl",
+)
 
-DEFAULT_RUNNING = ("sys-net", "sys-firewall", "personal", "work", "pro", "untrusted",
-                   "sys-whonix", "anon-whonix")
+DEFAULT_RUNNING = ("sys-net", "sys-firewall", "personal", "work", "pro", "untrusted", "sys-whonix", "anon-whonix")
 
 
 def _template_features(distribution, version):
     # Features a template reports through qubes.PostInstall (qubes-core-agent-linux
     # qubes-rpc/post-install.d) and qvm-template records at install.
-    return {"os": "Linux", "os-distribution": distribution, "os-version": version,
-            "qrexec": "1", "vmexec": "1", "gui": "1"}
+    return {
+        "os": "Linux",
+        "os-distribution": distribution,
+        "os-version": version,
+        "qrexec": "1",
+        "vmexec": "1",
+        "gui": "1",
+    }
 
 
 # (template, lab image, features, tags), following the templates Qubes 4.2 ships
@@ -53,10 +72,18 @@ TEMPLATES = [
     ("debian-12-xfce", "debian-12-xfce", _template_features("debian", "12"), []),
     ("debian-12-hard-min", "debian-12-hard-min", _template_features("debian", "12"), []),
     ("debian-13-minimal", "debian-13-minimal", _template_features("debian", "13"), []),
-    ("whonix-gateway-17", "debian-12-xfce",
-     dict(_template_features("whonix", "17"), **{"whonix-gw": "1"}), ["whonix-updatevm"]),
-    ("whonix-workstation-17", "debian-12-xfce",
-     dict(_template_features("whonix", "17"), **{"whonix-ws": "1"}), ["whonix-updatevm"]),
+    (
+        "whonix-gateway-17",
+        "debian-12-xfce",
+        dict(_template_features("whonix", "17"), **{"whonix-gw": "1"}),
+        ["whonix-updatevm"],
+    ),
+    (
+        "whonix-workstation-17",
+        "debian-12-xfce",
+        dict(_template_features("whonix", "17"), **{"whonix-ws": "1"}),
+        ["whonix-updatevm"],
+    ),
 ]
 
 
@@ -79,8 +106,14 @@ def build_estate(disposable_firewall=False):
     app.set_global("default_kernel", "6.6.63-1.qubes.fc37")
 
     sys_net = app.add_vm("AppVM", "sys-net", "red", "debian-12-xfce")
-    for prop, value in (("netvm", ""), ("virt_mode", "hvm"), ("autostart", "True"),
-                        ("provides_network", "True"), ("memory", "300"), ("maxmem", "0")):
+    for prop, value in (
+        ("netvm", ""),
+        ("virt_mode", "hvm"),
+        ("autostart", "True"),
+        ("provides_network", "True"),
+        ("memory", "300"),
+        ("maxmem", "0"),
+    ):
         sys_net.set(prop, value)
     sys_net.features.set("service.clocksync", "1")
     sys_net.features.set("service.minimal-netvm", "1")
@@ -95,21 +128,23 @@ def build_estate(disposable_firewall=False):
         sys_firewall = app.add_vm("DispVM", "sys-firewall", "green", "default-dvm")
     else:
         sys_firewall = app.add_vm("AppVM", "sys-firewall", "green", "debian-12-xfce")
-    for prop, value in (("netvm", "sys-net"), ("autostart", "True"),
-                        ("provides_network", "True"), ("memory", "500")):
+    for prop, value in (("netvm", "sys-net"), ("autostart", "True"), ("provides_network", "True"), ("memory", "500")):
         sys_firewall.set(prop, value)
     sys_firewall.features.set("servicevm", "1")
     app.set_global("default_netvm", "sys-firewall")
     app.set_global("updatevm", "sys-firewall")
     app.set_global("clockvm", "sys-net")
 
-    for name, label in (("personal", "yellow"), ("work", "blue"), ("pro", "purple"),
-                        ("untrusted", "red")):
+    for name, label in (("personal", "yellow"), ("work", "blue"), ("pro", "purple"), ("untrusted", "red")):
         app.add_vm("AppVM", name, label, "debian-12-xfce")
 
     sys_whonix = app.add_vm("AppVM", "sys-whonix", "black", "whonix-gateway-17")
-    for prop, value in (("netvm", "sys-firewall"), ("provides_network", "True"),
-                        ("autostart", "True"), ("memory", "500")):
+    for prop, value in (
+        ("netvm", "sys-firewall"),
+        ("provides_network", "True"),
+        ("autostart", "True"),
+        ("memory", "500"),
+    ):
         sys_whonix.set(prop, value)
     sys_whonix.features.set("servicevm", "1")
     anon = app.add_vm("AppVM", "anon-whonix", "red", "whonix-workstation-17")
@@ -123,15 +158,19 @@ def build_estate(disposable_firewall=False):
 def check_host():
     """Raise RuntimeError naming what is missing to run the lab on this host."""
     if os.geteuid() != 0:
-        raise RuntimeError("the Qubes lab needs root (network namespaces, mounts, "
-                           "systemd-nspawn): run the tests as root")
-    missing = [tool for tool in ("systemd-nspawn", "ip", "nsenter", "tcpdump", "unbound",
-                                 "dnsdist", "openssl", "dig", "mount")
-               if shutil.which(tool) is None]
+        raise RuntimeError(
+            "the Qubes lab needs root (network namespaces, mounts, systemd-nspawn): run the tests as root"
+        )
+    missing = [
+        tool
+        for tool in ("systemd-nspawn", "ip", "nsenter", "tcpdump", "unbound", "dnsdist", "openssl", "dig", "mount")
+        if shutil.which(tool) is None
+    ]
     if missing:
         raise RuntimeError(
             f"the Qubes lab needs {', '.join(missing)}: install systemd-container, "
-            "iproute2, util-linux, tcpdump, unbound, dnsdist, openssl and dnsutils")
+            "iproute2, util-linux, tcpdump, unbound, dnsdist, openssl and dnsutils"
+        )
 
 
 # systemd in every container holds inotify instances (about eight each, counted on a
@@ -148,8 +187,11 @@ def raise_inotify_limit():
     current = int(INOTIFY_INSTANCES_SYSCTL.read_text())
     if current < INOTIFY_INSTANCES_MIN:
         INOTIFY_INSTANCES_SYSCTL.write_text(f"{INOTIFY_INSTANCES_MIN}\n")
-        log.info("raised fs.inotify.max_user_instances from %d to %d for the lab's "
-                 "containers", current, INOTIFY_INSTANCES_MIN)
+        log.info(
+            "raised fs.inotify.max_user_instances from %d to %d for the lab's containers",
+            current,
+            INOTIFY_INSTANCES_MIN,
+        )
 
 
 def repository_file_roots():
@@ -184,8 +226,10 @@ class Lab:
             runs = list_runs()
             if len(runs) != 1:
                 raise LookupError(
-                    "no lab run found under /run/sysdns-lab" if not runs else
-                    f"several lab runs exist ({', '.join(runs)}): pass --prefix")
+                    "no lab run found under /run/sysdns-lab"
+                    if not runs
+                    else f"several lab runs exist ({', '.join(runs)}): pass --prefix"
+                )
             prefix = runs[0]
         layout = RunLayout.from_prefix(prefix)
         if not layout.store.exists():
@@ -193,16 +237,16 @@ class Lab:
         return cls(layout)
 
     @classmethod
-    def up(cls, prefix=None, disposable_firewall=False, running=DEFAULT_RUNNING,
-           cache=layout_module.CACHE_DIR):
+    def up(cls, prefix=None, disposable_firewall=False, running=DEFAULT_RUNNING, cache=layout_module.CACHE_DIR):
         """Create and start a lab run; on any failure tear it down and re-raise."""
         check_host()
         raise_inotify_limit()
         prefix = prefix or new_prefix()
         layout = RunLayout.from_prefix(prefix)
         if layout.run_dir.exists() or netns_exists(layout.uplink_netns):
-            raise RuntimeError(f"lab prefix {prefix!r} is in use: run "
-                               f"`python3 -m tests.lab down --prefix {prefix}` first")
+            raise RuntimeError(
+                f"lab prefix {prefix!r} is in use: run `python3 -m tests.lab down --prefix {prefix}` first"
+            )
         lab = cls(layout)
         try:
             lab._build(disposable_firewall, running, Path(cache))
@@ -211,8 +255,7 @@ class Lab:
             try:
                 lab.down()
             except Exception:  # keep the original error; report the teardown one
-                log.exception("teardown of %s failed too: run "
-                              "`python3 -m tests.lab down --prefix %s`", prefix, prefix)
+                log.exception("teardown of %s failed too: run `python3 -m tests.lab down --prefix %s`", prefix, prefix)
             raise
         return lab
 
@@ -220,9 +263,14 @@ class Lab:
         from . import images
 
         started = time.monotonic()
-        for directory in (self.layout.run_dir, self.layout.bin_dir, self.layout.logs_dir,
-                          self.layout.pillar_dir, self.layout.images_dir,
-                          self.layout.run_dir / "qubes"):
+        for directory in (
+            self.layout.run_dir,
+            self.layout.bin_dir,
+            self.layout.logs_dir,
+            self.layout.pillar_dir,
+            self.layout.images_dir,
+            self.layout.run_dir / "qubes",
+        ):
             directory.mkdir(parents=True, exist_ok=True)
         image_paths = images.ensure_images(cache)
         mirror = images.ensure_mirror(cache)
@@ -261,7 +309,9 @@ class Lab:
                 "#!/bin/sh\n"
                 f'QUBES_LAB_RUN="${{QUBES_LAB_RUN:-{self.layout.run_dir}}}"\n'
                 "export QUBES_LAB_RUN\n"
-                f'exec {layout_module.TOOLS_DIR / tool} "$@"\n', encoding="utf-8")
+                f'exec {layout_module.TOOLS_DIR / tool} "$@"\n',
+                encoding="utf-8",
+            )
             wrapper.chmod(0o755)
 
     def write_salt_config(self):
@@ -306,8 +356,7 @@ class Lab:
         """Write pillar file <name>.sls (a dict, or YAML text) and target it at dom0."""
         text = data if isinstance(data, str) else json.dumps(data, indent=1)
         (self.layout.pillar_dir / f"{name}.sls").write_text(text + "\n", encoding="utf-8")
-        names = sorted(path.stem for path in self.layout.pillar_dir.glob("*.sls")
-                       if path.name != "top.sls")
+        names = sorted(path.stem for path in self.layout.pillar_dir.glob("*.sls") if path.name != "top.sls")
         self.write_pillar_top(names)
 
     def provision_templates(self):
@@ -344,8 +393,7 @@ class Lab:
             except BaseException as error:  # collected and re-raised below
                 errors[name] = error
 
-        threads = [threading.Thread(target=start, args=(name,), name=f"start-{name}")
-                   for name in names]
+        threads = [threading.Thread(target=start, args=(name,), name=f"start-{name}") for name in names]
         self._threads = threads
         for thread in threads:
             thread.start()
@@ -402,12 +450,17 @@ class Lab:
 
     def qvm(self, tool, *args, input=None, timeout=300, check=False):
         """Run an emulated dom0 tool from bin/; return CompletedProcess (text)."""
-        result = subprocess.run([str(self.bin_dir / tool), *map(str, args)], input=input,
-                                capture_output=True, text=True, env=self.env,
-                                timeout=timeout, check=False)
+        result = subprocess.run(
+            [str(self.bin_dir / tool), *map(str, args)],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
         if check and result.returncode != 0:
-            raise subprocess.CalledProcessError(result.returncode, result.args,
-                                                result.stdout, result.stderr)
+            raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout, result.stderr)
         return result
 
     def qubesctl(self, *args, timeout=1800, check=False):
@@ -419,24 +472,36 @@ class Lab:
         *command* is an argv list, or a string run with /bin/sh -c.
         """
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
-        return self.runtime.exec_in(self.store(), qube, argv, user=user, input=input,
-                                    timeout=timeout, check=check)
+        return self.runtime.exec_in(self.store(), qube, argv, user=user, input=input, timeout=timeout, check=check)
 
-    def dns_query(self, qube, name, rtype="A", server="10.139.1.1", port=53, tcp=False,
-                  timeout=2.0):
+    def dns_query(self, qube, name, rtype="A", server="10.139.1.1", port=53, tcp=False, timeout=2.0):
         """Send one DNS query from *qube*'s network stack; return the result dict.
 
         The query runs as host Python inside the qube's network namespace (see
         dnsquery.py), so it passes the qube's own firewall and routes.
         """
-        argv = ["ip", "netns", "exec", self.netns(qube), sys.executable, "-m",
-                "tests.lab.dnsquery", "--server", server, "--port", str(port),
-                "--type", rtype, "--timeout", str(timeout), name]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.netns(qube),
+            sys.executable,
+            "-m",
+            "tests.lab.dnsquery",
+            "--server",
+            server,
+            "--port",
+            str(port),
+            "--type",
+            rtype,
+            "--timeout",
+            str(timeout),
+            name,
+        ]
         if tcp:
             argv.insert(-1, "--tcp")
         env = dict(os.environ, PYTHONPATH=str(layout_module.REPO_DIR))
-        result = subprocess.run(argv, capture_output=True, text=True, env=env,
-                                timeout=timeout + 30, check=False)
+        result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout + 30, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"DNS query from {qube} failed to run: {result.stderr.strip()}")
         return json.loads(result.stdout)
@@ -475,15 +540,20 @@ class Lab:
                 continue
             entry = app.runtime(vm.name) or {}
             qubes[vm.name] = {
-                "class": vm.klass, "state": app.power_state(vm.name),
+                "class": vm.klass,
+                "state": app.power_state(vm.name),
                 "netvm": getattr(vm.get("netvm"), "name", None),
                 "ip": str(vm.get("visible_ip") or ""),
                 "netns": entry.get("netns"),
                 "link": entry.get("link"),
             }
-        return {"prefix": self.prefix, "run_dir": str(self.run_dir),
-                "bin_dir": str(self.bin_dir), "uplink_netns": self.layout.uplink_netns,
-                "qubes": qubes}
+        return {
+            "prefix": self.prefix,
+            "run_dir": str(self.run_dir),
+            "bin_dir": str(self.bin_dir),
+            "uplink_netns": self.layout.uplink_netns,
+            "qubes": qubes,
+        }
 
     def memory(self):
         """Return {process role or qube: PSS in KiB} of the lab's processes."""
@@ -515,8 +585,7 @@ def read_pss(pid):
 def list_runs():
     if not layout_module.RUN_ROOT.exists():
         return []
-    return sorted(path.name for path in layout_module.RUN_ROOT.iterdir()
-                  if (path / "store.json").exists())
+    return sorted(path.name for path in layout_module.RUN_ROOT.iterdir() if (path / "store.json").exists())
 
 
 def lab_namespaces(prefix):
@@ -551,14 +620,14 @@ def cleanup_prefix(prefix, timeout=10.0):
                     os.kill(int(pid), signal.SIGKILL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(
-            run(["ip", "netns", "pids", namespace], check=False).stdout.strip()
-            for namespace in lab_namespaces(prefix)):
+        run(["ip", "netns", "pids", namespace], check=False).stdout.strip() for namespace in lab_namespaces(prefix)
+    ):
         time.sleep(0.05)
 
     run_dir = str(layout.run_dir)
-    for mount in sorted((path for path in mounted_paths()
-                         if path == run_dir or path.startswith(run_dir + "/")),
-                        key=len, reverse=True):
+    for mount in sorted(
+        (path for path in mounted_paths() if path == run_dir or path.startswith(run_dir + "/")), key=len, reverse=True
+    ):
         unmount(mount)
     for namespace in lab_namespaces(prefix):
         run(["ip", "netns", "delete", namespace], check=False)
@@ -588,8 +657,7 @@ def leftovers(prefix):
     if namespaces:
         found.append(f"namespaces: {', '.join(namespaces)}")
     run_dir = str(layout.run_dir)
-    mounts = [path for path in mounted_paths()
-              if path == run_dir or path.startswith(run_dir + "/")]
+    mounts = [path for path in mounted_paths() if path == run_dir or path.startswith(run_dir + "/")]
     if mounts:
         found.append(f"mounts: {', '.join(mounts)}")
     if layout.run_dir.exists():
@@ -599,6 +667,7 @@ def leftovers(prefix):
 
 def install_signal_handlers():
     """Turn SIGTERM and SIGHUP into KeyboardInterrupt so `up` tears down on them."""
+
     def interrupt(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -607,6 +676,8 @@ def install_signal_handlers():
 
 
 def configure_logging(verbose=False):
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )

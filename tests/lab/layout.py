@@ -25,7 +25,8 @@ def validate_prefix(prefix):
     if not PREFIX_PATTERN.match(prefix):
         raise ValueError(
             f"invalid lab prefix {prefix!r}: use 2-10 lowercase letters and digits,"
-            " starting with a letter (for example 'sl1a2b')")
+            " starting with a letter (for example 'sl1a2b')"
+        )
 
 
 class RunLayout:
@@ -47,12 +48,13 @@ class RunLayout:
         if not value:
             raise LookupError(
                 f"{RUN_ENV} is not set: run the dom0 tools from a lab run's bin/"
-                " directory (python3 -m tests.lab up prints it)")
+                " directory (python3 -m tests.lab up prints it)"
+            )
         layout = cls(value)
         if not layout.store.exists():
             raise LookupError(
-                f"{RUN_ENV}={value} does not hold a lab run (no store.json):"
-                " start one with python3 -m tests.lab up")
+                f"{RUN_ENV}={value} does not hold a lab run (no store.json): start one with python3 -m tests.lab up"
+            )
         return layout
 
     @property

@@ -27,8 +27,8 @@ from .store import Store, format_value
 CONTROL_PORT = 9  # discard; the netvm's input chain rejects it, which is fine
 LINKTYPE_ETHERNET = 1
 STATISTICS = re.compile(
-    r"(\d+) packets captured.*?(\d+) packets received by filter.*?(\d+) packets dropped by kernel",
-    re.S)
+    r"(\d+) packets captured.*?(\d+) packets received by filter.*?(\d+) packets dropped by kernel", re.S
+)
 
 
 class ObservationError(AssertionError):
@@ -40,8 +40,8 @@ class Packet:
     """One captured IP packet with transport ports."""
 
     time: float
-    family: int          # 4 or 6
-    protocol: str        # "udp", "tcp" or "other"
+    family: int  # 4 or 6
+    protocol: str  # "udp", "tcp" or "other"
     source: str
     destination: str
     source_port: int
@@ -52,8 +52,7 @@ class Packet:
 
     @property
     def is_dns(self):
-        return self.protocol in ("udp", "tcp") and 53 in (self.source_port,
-                                                          self.destination_port)
+        return self.protocol in ("udp", "tcp") and 53 in (self.source_port, self.destination_port)
 
     @property
     def query_name(self):
@@ -65,8 +64,10 @@ class Packet:
 
     def describe(self):
         name = self.query_name if self.is_dns else None
-        text = (f"IPv{self.family} {self.protocol} {self.source}:{self.source_port} -> "
-                f"{self.destination}:{self.destination_port}")
+        text = (
+            f"IPv{self.family} {self.protocol} {self.source}:{self.source_port} -> "
+            f"{self.destination}:{self.destination_port}"
+        )
         return f"{text} ({name})" if name else text
 
 
@@ -90,22 +91,28 @@ class Observation:
         return [packet for packet in self.dns_packets if packet.destination_port == 53]
 
     def destinations(self):
-        return sorted({(packet.destination, packet.destination_port, packet.protocol)
-                       for packet in self.dns_queries})
+        return sorted({(packet.destination, packet.destination_port, packet.protocol) for packet in self.dns_queries})
 
     def icmp_errors(self, source=None):
         """ICMP destination-unreachable packets (type 3 / ICMPv6 type 1), optionally from *source*."""
-        return [packet for packet in self.packets
-                if (packet.protocol, packet.icmp_type) in (("icmp", 3), ("icmp6", 1))
-                and (source is None or packet.source == source)]
+        return [
+            packet
+            for packet in self.packets
+            if (packet.protocol, packet.icmp_type) in (("icmp", 3), ("icmp6", 1))
+            and (source is None or packet.source == source)
+        ]
 
     def to_port(self, port, protocol=None):
-        return [packet for packet in self.packets if packet.destination_port == port
-                and (protocol is None or packet.protocol == protocol)]
+        return [
+            packet
+            for packet in self.packets
+            if packet.destination_port == port and (protocol is None or packet.protocol == protocol)
+        ]
 
     def summary(self):
-        lines = [f"{self.captured} packets on {self.namespace}/{self.interface}, "
-                 f"{len(self.dns_queries)} port-53 queries"]
+        lines = [
+            f"{self.captured} packets on {self.namespace}/{self.interface}, {len(self.dns_queries)} port-53 queries"
+        ]
         lines += ["  " + packet.describe() for packet in self.dns_packets[:20]]
         return "\n".join(lines)
 
@@ -138,29 +145,44 @@ class Observer:
             raise ObservationError(f"cannot observe {self.qube}: it is not running")
         if app.data["lab"].get("uplink_qube") == self.qube:
             from .runtime import UPLINK_GATEWAY
-            return (self.layout.uplink_netns, "nic0",
-                    (self.layout.netns(self.qube), UPLINK_GATEWAY))
+
+            return (self.layout.uplink_netns, "nic0", (self.layout.netns(self.qube), UPLINK_GATEWAY))
         link = entry.get("link")
         if not link:
             raise ObservationError(f"cannot observe {self.qube}: it has no network link")
         gateway = format_value(vm.get("visible_gateway"))
-        return (self.layout.netns(link["netvm"]), link["vif"],
-                (self.layout.netns(self.qube), gateway))
+        return (self.layout.netns(link["netvm"]), link["vif"], (self.layout.netns(self.qube), gateway))
 
     def start(self):
         self.directory.mkdir(parents=True, exist_ok=True)
-        argv = ["ip", "netns", "exec", self.namespace, "tcpdump", "--immediate-mode",
-                "-n", "-s", "0", "-U", "-i", self.interface, "-w", str(self.pcap)]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.namespace,
+            "tcpdump",
+            "--immediate-mode",
+            "-n",
+            "-s",
+            "0",
+            "-U",
+            "-i",
+            self.interface,
+            "-w",
+            str(self.pcap),
+        ]
         stderr = open(self.stderr_path, "wb")
         self.process, self.record = self.registry.spawn(
-            argv, "tcpdump", self.qube, stdout=subprocess.DEVNULL, stderr=stderr)
+            argv, "tcpdump", self.qube, stdout=subprocess.DEVNULL, stderr=stderr
+        )
         stderr.close()
         deadline = time.monotonic() + 10
         while "listening on" not in self._stderr():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self._abort()
-                raise ObservationError(f"tcpdump on {self.namespace}/{self.interface} "
-                                       f"did not start: {self._stderr().strip()}")
+                raise ObservationError(
+                    f"tcpdump on {self.namespace}/{self.interface} did not start: {self._stderr().strip()}"
+                )
             time.sleep(0.02)
         self._send_control()
         self._wait_for_marker(self.markers[-1])
@@ -184,22 +206,22 @@ class Observer:
         stderr = self._stderr()
         match = STATISTICS.search(stderr)
         if self.process.returncode != 0 or match is None:
-            raise ObservationError(
-                f"tcpdump exited with code {self.process.returncode}: {stderr.strip()}")
+            raise ObservationError(f"tcpdump exited with code {self.process.returncode}: {stderr.strip()}")
         captured, received, dropped = (int(value) for value in match.groups())
         if captured != received or dropped:
             raise ObservationError(
                 f"tcpdump captured {captured} of {received} packets ({dropped} dropped "
-                "by the kernel): the observation is incomplete")
+                "by the kernel): the observation is incomplete"
+            )
         packets = read_pcap(self.pcap)
         payloads = [packet.payload for packet in packets]
         for marker in self.markers:
             if not any(marker in payload for payload in payloads):
                 raise ObservationError(
                     f"control packet {marker.decode()} is missing from {self.pcap}: "
-                    "the capture did not cover the whole observation")
-        observed = [packet for packet in packets
-                    if not any(marker in packet.payload for marker in self.markers)]
+                    "the capture did not cover the whole observation"
+                )
+        observed = [packet for packet in packets if not any(marker in packet.payload for marker in self.markers)]
         return Observation(self.interface, self.namespace, observed, captured, received)
 
     def _send_control(self):
@@ -207,13 +229,15 @@ class Observer:
         self.markers.append(marker)
         namespace, destination = self.control
         family = "AF_INET6" if ":" in destination else "AF_INET"
-        code = (f"import socket; s = socket.socket(socket.{family}, socket.SOCK_DGRAM); "
-                f"s.sendto({marker!r}, ({destination!r}, {CONTROL_PORT}))")
+        code = (
+            f"import socket; s = socket.socket(socket.{family}, socket.SOCK_DGRAM); "
+            f"s.sendto({marker!r}, ({destination!r}, {CONTROL_PORT}))"
+        )
         result = run(["ip", "netns", "exec", namespace, "python3", "-c", code], check=False)
         if result.returncode != 0:
             raise ObservationError(
-                f"cannot send the control packet from {namespace} to {destination}: "
-                f"{result.stderr.strip()}")
+                f"cannot send the control packet from {namespace} to {destination}: {result.stderr.strip()}"
+            )
 
     def _wait_for_marker(self, marker, timeout=5.0):
         deadline = time.monotonic() + timeout
@@ -221,9 +245,7 @@ class Observer:
             if self.pcap.exists() and marker in self.pcap.read_bytes():
                 return
             time.sleep(0.02)
-        raise ObservationError(
-            f"control packet {marker.decode()} did not reach the capture file within "
-            f"{timeout} s")
+        raise ObservationError(f"control packet {marker.decode()} did not reach the capture file within {timeout} s")
 
     def _stderr(self):
         try:
@@ -250,8 +272,12 @@ def read_pcap(path):
     if len(data) < 24:
         raise ObservationError(f"{path} is not a pcap file ({len(data)} bytes)")
     magic = data[:4]
-    formats = {b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
-               b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9)}
+    formats = {
+        b"\xd4\xc3\xb2\xa1": ("<", 1e-6),
+        b"\xa1\xb2\xc3\xd4": (">", 1e-6),
+        b"\x4d\x3c\xb2\xa1": ("<", 1e-9),
+        b"\xa1\xb2\x3c\x4d": (">", 1e-9),
+    }
     if magic not in formats:
         raise ObservationError(f"{path} has an unknown pcap magic {magic.hex()}")
     endian, fraction = formats[magic]
@@ -261,9 +287,8 @@ def read_pcap(path):
     packets = []
     offset = 24
     while offset + 16 <= len(data):
-        seconds, fractional, included, _ = struct.unpack(endian + "IIII",
-                                                         data[offset:offset + 16])
-        frame = data[offset + 16:offset + 16 + included]
+        seconds, fractional, included, _ = struct.unpack(endian + "IIII", data[offset : offset + 16])
+        frame = data[offset + 16 : offset + 16 + included]
         offset += 16 + included
         packet = parse_ethernet(frame, seconds + fractional * fraction)
         if packet is not None:
@@ -320,17 +345,25 @@ def parse_ipv6(data, timestamp):
 def parse_transport(family, protocol, source, destination, data, timestamp):
     if protocol == 17 and len(data) >= 8:
         source_port, destination_port = struct.unpack("!HH", data[:4])
-        return Packet(timestamp, family, "udp", source, destination, source_port,
-                      destination_port, data[8:])
+        return Packet(timestamp, family, "udp", source, destination, source_port, destination_port, data[8:])
     if protocol == 6 and len(data) >= 20:
         source_port, destination_port = struct.unpack("!HH", data[:4])
         offset = (data[12] >> 4) * 4
-        return Packet(timestamp, family, "tcp", source, destination, source_port,
-                      destination_port, data[offset:])
+        return Packet(timestamp, family, "tcp", source, destination, source_port, destination_port, data[offset:])
     if protocol in (1, 58) and len(data) >= 4:
         # The payload of an ICMP error is the start of the packet it refers to.
-        return Packet(timestamp, family, "icmp" if protocol == 1 else "icmp6", source,
-                      destination, 0, 0, data[8:], icmp_type=data[0], icmp_code=data[1])
+        return Packet(
+            timestamp,
+            family,
+            "icmp" if protocol == 1 else "icmp6",
+            source,
+            destination,
+            0,
+            0,
+            data[8:],
+            icmp_type=data[0],
+            icmp_code=data[1],
+        )
     return Packet(timestamp, family, "other", source, destination, 0, 0, data)
 
 
@@ -346,6 +379,6 @@ def parse_question_name(message):
             return ".".join(labels) + "."
         if length & 0xC0 or position + 1 + length > len(message):
             return None
-        labels.append(message[position + 1:position + 1 + length].decode("ascii", "replace"))
+        labels.append(message[position + 1 : position + 1 + length].decode("ascii", "replace"))
         position += 1 + length
     return None

@@ -38,7 +38,7 @@ def read_stat(pid):
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name is in parentheses and may contain spaces or parentheses.
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return fields[0], int(fields[19])
 
 
@@ -129,7 +129,6 @@ def end_processes(records, timeout=5.0, first_signal=signal.SIGTERM):
         send_signal(record, first_signal)
     survivors = wait_ended(records, timeout)
     for record in survivors:
-        log.warning("process %d (%s) ignored signal %d, killing it",
-                    record.pid, record.role, first_signal)
+        log.warning("process %d (%s) ignored signal %d, killing it", record.pid, record.role, first_signal)
         send_signal(record, signal.SIGKILL)
     return wait_ended(survivors, 5.0)

@@ -36,20 +36,20 @@ def find_salt_call():
     if found:
         return found
     raise FileNotFoundError(
-        f"salt-call not found: set {SALT_CALL_ENV}, or run `make deps` to create "
-        f"{DEFAULT_SALT_CALL}")
+        f"salt-call not found: set {SALT_CALL_ENV}, or run `make deps` to create {DEFAULT_SALT_CALL}"
+    )
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="qubesctl")
-    parser.add_argument("--show-output", action="store_true",
-                        help="Show output of management commands")
-    parser.add_argument("--force-color", action="store_true",
-                        help="Force color output, allow control characters from VM, UNSAFE")
-    parser.add_argument("--skip-dom0", action="store_true",
-                        help="Skip dom0 configuration (VM creation etc)")
-    parser.add_argument("--max-concurrency", type=int, default=4,
-                        help="Maximum number of VMs configured simultaneously")
+    parser.add_argument("--show-output", action="store_true", help="Show output of management commands")
+    parser.add_argument(
+        "--force-color", action="store_true", help="Force color output, allow control characters from VM, UNSAFE"
+    )
+    parser.add_argument("--skip-dom0", action="store_true", help="Skip dom0 configuration (VM creation etc)")
+    parser.add_argument(
+        "--max-concurrency", type=int, default=4, help="Maximum number of VMs configured simultaneously"
+    )
     parser.add_argument("--skip-top-check", action="store_true")
     parser.add_argument("--sync-extmods", action="store_true")
     group = parser.add_mutually_exclusive_group()
@@ -58,8 +58,9 @@ def parse_args(argv):
     parser.add_argument("--templates", action="store_true")
     parser.add_argument("--standalones", action="store_true")
     parser.add_argument("--app", action="store_true")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="Salt command to execute (for example: state.highstate)")
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="Salt command to execute (for example: state.highstate)"
+    )
     return parser.parse_args(argv)
 
 
@@ -77,9 +78,13 @@ def main(argv=None):
     except SystemExit as exit_request:
         code = exit_request.code if isinstance(exit_request.code, int) else 2
     finally:
-        entry = {"time": round(started, 6), "argv": ["qubesctl"] + argv,
-                 "exit_code": code, "duration": round(time.time() - started, 6),
-                 "pid": os.getpid()}
+        entry = {
+            "time": round(started, 6),
+            "argv": ["qubesctl"] + argv,
+            "exit_code": code,
+            "duration": round(time.time() - started, 6),
+            "pid": os.getpid(),
+        }
         with open(layout.calls_log, "a", encoding="utf-8") as calls:
             calls.write(json.dumps(entry) + "\n")
     return code
@@ -87,21 +92,24 @@ def main(argv=None):
 
 def run(layout, args):
     if args.targets or args.all or args.templates or args.standalones or args.app:
-        print("qubesctl: error: configuring qubes through management disposables "
-              "(--targets, --all, --templates, --standalones, --app) is not reproduced "
-              "in the lab; the formula runs in dom0 only", file=sys.stderr)
+        print(
+            "qubesctl: error: configuring qubes through management disposables "
+            "(--targets, --all, --templates, --standalones, --app) is not reproduced "
+            "in the lab; the formula runs in dom0 only",
+            file=sys.stderr,
+        )
         return 1
     if args.skip_dom0:
         return 0
     if not args.command:
-        print("qubesctl: error: a salt command is required (for example state.sls NAME)",
-              file=sys.stderr)
+        print("qubesctl: error: a salt command is required (for example state.sls NAME)", file=sys.stderr)
         return 2
     salt_call = find_salt_call()
     base = [salt_call, "--local", "-c", str(layout.salt_dir)]
     env = layout.environment()
-    sync = subprocess.run(base + ["--out=quiet", "saltutil.sync_all"], env=env,
-                          capture_output=True, text=True, check=False)
+    sync = subprocess.run(
+        base + ["--out=quiet", "saltutil.sync_all"], env=env, capture_output=True, text=True, check=False
+    )
     if sync.returncode != 0:
         sys.stderr.write(sync.stdout + sync.stderr)
         print("DOM0 configuration failed, not continuing", file=sys.stderr)

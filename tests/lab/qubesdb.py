@@ -74,7 +74,7 @@ def qube_entries(app, vm):
     entries["/qubes-iptables-error"] = ""
     for feature, value in vm.features.items():
         if feature.startswith("vm-config."):
-            entries["/vm-config/" + feature[len("vm-config."):]] = value
+            entries["/vm-config/" + feature[len("vm-config.") :]] = value
 
     if vm.get("provides_network"):
         entries.update(netvm_entries(app, vm))
@@ -86,7 +86,7 @@ def service_entries(vm):
     entries = {}
     for feature, value in vm.features.items():
         if feature.startswith("service."):
-            service = feature[len("service."):]
+            service = feature[len("service.") :]
             if service and len(service) <= 48:
                 # qubesd writes str(int(bool(value))): any non-empty value,
                 # including '0', enables the service.
@@ -95,8 +95,7 @@ def service_entries(vm):
         if legacy is not None:
             entries["/qubes-service/" + legacy] = str(int(bool(value)))
     if "updates-proxy-setup" in vm.features:
-        entries["/qubes-service/yum-proxy-setup"] = str(
-            int(bool(vm.features["updates-proxy-setup"])))
+        entries["/qubes-service/yum-proxy-setup"] = str(int(bool(vm.features["updates-proxy-setup"])))
     entries["/qubes-service/meminfo-writer"] = "1" if vm.get("maxmem") > 0 else "0"
     return entries
 
@@ -114,9 +113,11 @@ def netvm_entries(app, netvm):
     entries = {}
     clients = app.connected_vms(netvm)
     entries["/connected-ips"] = " ".join(
-        _text(client.get("visible_ip")) for client in clients if client.get("visible_ip"))
+        _text(client.get("visible_ip")) for client in clients if client.get("visible_ip")
+    )
     entries["/connected-ips6"] = " ".join(
-        _text(client.get("visible_ip6")) for client in clients if client.get("visible_ip6"))
+        _text(client.get("visible_ip6")) for client in clients if client.get("visible_ip6")
+    )
     for client in clients:
         if app.power_state(client.name) == "Halted":
             continue

@@ -70,8 +70,8 @@ def run(argv, check=True, timeout=60, **kwargs):
     result = subprocess.run(argv, timeout=timeout, check=False, text=True, **kwargs)
     if check and result.returncode != 0:
         raise CommandError(
-            f"{' '.join(map(str, argv))} failed with exit code {result.returncode}:"
-            f" {(result.stderr or '').strip()}")
+            f"{' '.join(map(str, argv))} failed with exit code {result.returncode}: {(result.stderr or '').strip()}"
+        )
     return result
 
 
@@ -146,11 +146,16 @@ class Runtime:
         """Return an argv that runs *argv* inside the container as *user*."""
         if home is None:
             home = "/root" if user == "root" else f"/home/{user}"
-        env = [f"PATH={CONTAINER_PATH}", "LANG=C.UTF-8", f"HOME={home}",
-               f"USER={user}", f"LOGNAME={user}", "SHELL=/bin/bash"]
+        env = [
+            f"PATH={CONTAINER_PATH}",
+            "LANG=C.UTF-8",
+            f"HOME={home}",
+            f"USER={user}",
+            f"LOGNAME={user}",
+            "SHELL=/bin/bash",
+        ]
         env.extend(f"{key}={value}" for key, value in (extra_env or {}).items())
-        prefix = ["nsenter", "-t", str(init_pid), "-a", "--",
-                  "/usr/bin/env", "-i", *env]
+        prefix = ["nsenter", "-t", str(init_pid), "-a", "--", "/usr/bin/env", "-i", *env]
         if user != "root":
             prefix += ["/usr/sbin/runuser", "-u", user, "--"]
         return prefix + list(argv)
@@ -158,12 +163,11 @@ class Runtime:
     def exec_in(self, app, name, argv, user="root", input=None, timeout=120, check=False):
         """Run *argv* in a running qube; return CompletedProcess (text mode)."""
         full = self.container_argv(self.init_pid(app, name), argv, user=user)
-        result = subprocess.run(full, input=input, capture_output=True, text=True,
-                                timeout=timeout, check=False)
+        result = subprocess.run(full, input=input, capture_output=True, text=True, timeout=timeout, check=False)
         if check and result.returncode != 0:
             raise CommandError(
-                f"{' '.join(argv)} in {name} failed with exit code {result.returncode}:"
-                f" {result.stderr.strip()}")
+                f"{' '.join(argv)} in {name} failed with exit code {result.returncode}: {result.stderr.strip()}"
+            )
         return result
 
     def agent_event(self, app, name, *args):
@@ -172,7 +176,8 @@ class Runtime:
         if result.returncode != 0:
             raise VMError(
                 f"{AGENT_EVENT} {' '.join(args)} failed in {name} with exit code"
-                f" {result.returncode}: {result.stderr.strip()}")
+                f" {result.returncode}: {result.stderr.strip()}"
+            )
         log.info("event %s in %s", " ".join(args), name)
 
     # Reconciliation
@@ -185,8 +190,7 @@ class Runtime:
         return False
 
     def stale_qubes(self, app):
-        return [name for name, entry in app.data["runtime"].items()
-                if not self.runtime_alive(entry)]
+        return [name for name, entry in app.data["runtime"].items() if not self.runtime_alive(entry)]
 
     def reconcile(self):
         """Clean up qubes whose monitor and starter both ended without cleaning."""
@@ -217,8 +221,7 @@ class Runtime:
             self._check_startable(app, vm)
             if state == "Halted":
                 starter = procs.record_for(os.getpid(), "starter", name)
-                app.data["runtime"][name] = {"state": "Transient",
-                                             "starter": starter.to_json()}
+                app.data["runtime"][name] = {"state": "Transient", "starter": starter.to_json()}
                 owner = True
             else:
                 owner = False
@@ -271,7 +274,8 @@ class Runtime:
             if not vm.lab.get("image"):
                 raise LabLimitError(
                     f"{vm.name} has no root filesystem in the lab: only templates"
-                    " created by the lab estate or cloned from them can start")
+                    " created by the lab estate or cloned from them can start"
+                )
         elif vm.klass == "AppVM":
             template = vm.template_or_none()
             if template is None or not template.lab.get("image"):
@@ -279,29 +283,34 @@ class Runtime:
         elif vm.klass == "DispVM":
             template = vm.get("template")
             if not template.get("template_for_dispvms"):
-                raise QubesError(
-                    f"template for DispVM ({template.name}) needs to have "
-                    "template_for_dispvms=True")
+                raise QubesError(f"template for DispVM ({template.name}) needs to have template_for_dispvms=True")
             self._check_startable(app, template)
         netvm = vm.get("netvm") if "netvm" in vm.property_defs() else None
         if vm.klass == "TemplateVM" and netvm is not None:
             raise LabLimitError(
                 f"{vm.name}: a template with a netvm is not reproduced; templates"
-                " reach the mirror through the updates proxy only")
+                " reach the mirror through the updates proxy only"
+            )
 
     def _spawn_monitor(self, name, timeout):
         if self.abort is not None and self.abort.is_set():
             raise VMError(f"not starting {name}: the lab run is being torn down")
         self.layout.logs_dir.mkdir(parents=True, exist_ok=True)
         read_end, write_end = os.pipe()
-        argv = [sys.executable, "-m", "tests.lab.runtime", "monitor",
-                str(self.layout.run_dir), name, str(write_end)]
+        argv = [sys.executable, "-m", "tests.lab.runtime", "monitor", str(self.layout.run_dir), name, str(write_end)]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(layout_module.REPO_DIR)
         with open(self.monitor_log(name), "ab") as monitor_log:
             process, record = self.registry.spawn(
-                argv, "monitor", name, stdout=monitor_log, stderr=subprocess.STDOUT,
-                pass_fds=(write_end,), env=env, cwd=str(layout_module.REPO_DIR))
+                argv,
+                "monitor",
+                name,
+                stdout=monitor_log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(write_end,),
+                env=env,
+                cwd=str(layout_module.REPO_DIR),
+            )
         os.close(write_end)
         with self.store.transaction() as app:
             app.data["runtime"][name]["monitor"] = record.to_json()
@@ -399,21 +408,22 @@ class Runtime:
             source = vm.get("template")
         else:
             source = vm.get("template").get("template")
-        layers = [f"qubes/{source.name}/layers/{layer}"
-                  for layer in reversed(source.lab.get("layers", []))]
+        layers = [f"qubes/{source.name}/layers/{layer}" for layer in reversed(source.lab.get("layers", []))]
         if len(layers) > MAX_TEMPLATE_LAYERS:
             raise LabLimitError(
                 f"{source.name} has {len(layers)} committed root layers, more than the"
-                f" lab's overlay limit of {MAX_TEMPLATE_LAYERS}: start a new lab run")
+                f" lab's overlay limit of {MAX_TEMPLATE_LAYERS}: start a new lab run"
+            )
         image = source.lab["image"]
         return layers + [f"images/{image}"]
 
     def mount_overlay(self, lowers, upper, work, target):
-        options = (f"lowerdir={':'.join(lowers)},"
-                   f"upperdir={os.path.relpath(upper, self.layout.run_dir)},"
-                   f"workdir={os.path.relpath(work, self.layout.run_dir)},{OVERLAY_OPTIONS}")
-        run(["mount", "-t", "overlay", "overlay", "-o", options, str(target)],
-            cwd=str(self.layout.run_dir))
+        options = (
+            f"lowerdir={':'.join(lowers)},"
+            f"upperdir={os.path.relpath(upper, self.layout.run_dir)},"
+            f"workdir={os.path.relpath(work, self.layout.run_dir)},{OVERLAY_OPTIONS}"
+        )
+        run(["mount", "-t", "overlay", "overlay", "-o", options, str(target)], cwd=str(self.layout.run_dir))
 
     def prepare_rw(self, app, vm):
         rw = self.rw_dir(vm.name)
@@ -437,17 +447,27 @@ class Runtime:
 
     def launch_container(self, name, namespace):
         console = open(self.console_log(name), "ab")
-        argv = ["systemd-nspawn", "-D", str(self.root_dir(name)),
-                "--register=no", "--keep-unit", f"--machine={namespace}",
-                f"--hostname={name}", f"--network-namespace-path=/run/netns/{namespace}",
-                "--console=read-only", "--resolv-conf=off", "--timezone=off",
-                "--link-journal=no", "--capability=CAP_NET_ADMIN",
-                f"--bind={self.rw_dir(name)}:/rw",
-                f"--bind-ro={self.qubesdb_dir(name)}:{QUBESDB_MOUNT}", "-b"]
+        argv = [
+            "systemd-nspawn",
+            "-D",
+            str(self.root_dir(name)),
+            "--register=no",
+            "--keep-unit",
+            f"--machine={namespace}",
+            f"--hostname={name}",
+            f"--network-namespace-path=/run/netns/{namespace}",
+            "--console=read-only",
+            "--resolv-conf=off",
+            "--timezone=off",
+            "--link-journal=no",
+            "--capability=CAP_NET_ADMIN",
+            f"--bind={self.rw_dir(name)}:/rw",
+            f"--bind-ro={self.qubesdb_dir(name)}:{QUBESDB_MOUNT}",
+            "-b",
+        ]
         env = dict(os.environ)
         env["SYSTEMD_NSPAWN_API_VFS_WRITABLE"] = "network"
-        process, record = self.registry.spawn(argv, "nspawn", name, stdout=console,
-                                              stderr=subprocess.STDOUT, env=env)
+        process, record = self.registry.spawn(argv, "nspawn", name, stdout=console, stderr=subprocess.STDOUT, env=env)
         console.close()
         with self.store.transaction() as app:
             app.data["runtime"][name]["nspawn"] = record.to_json()
@@ -458,8 +478,10 @@ class Runtime:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise VMError(f"systemd-nspawn exited with code {process.returncode}"
-                              " before the container started" + self._console_tail(name))
+                raise VMError(
+                    f"systemd-nspawn exited with code {process.returncode}"
+                    " before the container started" + self._console_tail(name)
+                )
             for child in self._children(process.pid):
                 if self._is_namespace_init(child):
                     return self.registry.record(child, "init", name)
@@ -497,13 +519,11 @@ class Runtime:
         state = "unknown"
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise VMError(f"container exited with code {process.returncode} during boot"
-                              + self._console_tail(name))
+                raise VMError(f"container exited with code {process.returncode} during boot" + self._console_tail(name))
             remaining = max(1.0, deadline - time.monotonic())
             argv = self.container_argv(init_pid, ["systemctl", "is-system-running", "--wait"])
             try:
-                result = subprocess.run(argv, capture_output=True, text=True,
-                                        timeout=remaining, check=False)
+                result = subprocess.run(argv, capture_output=True, text=True, timeout=remaining, check=False)
                 state = result.stdout.strip() or result.stderr.strip()
             except subprocess.TimeoutExpired:
                 state = "starting (timed out)"
@@ -511,9 +531,13 @@ class Runtime:
             if state in ("running", "degraded"):
                 if state == "degraded":
                     failed = subprocess.run(
-                        self.container_argv(init_pid, ["systemctl", "--failed", "--no-legend",
-                                                       "--plain", "--no-pager"]),
-                        capture_output=True, text=True, check=False).stdout
+                        self.container_argv(
+                            init_pid, ["systemctl", "--failed", "--no-legend", "--plain", "--no-pager"]
+                        ),
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    ).stdout
                     log.warning("%s booted degraded; failed units:\n%s", name, failed)
                 return state
             time.sleep(0.1)
@@ -531,13 +555,11 @@ class Runtime:
         finishing its boot (reattach_clients runs before it is marked Running).
         """
         if app.power_state(netvm.name) not in ("Running", "Transient"):
-            raise VMNotStartedError(
-                netvm.name, f"Cannot dynamically attach to stopped qube {netvm.name}")
+            raise VMNotStartedError(netvm.name, f"Cannot dynamically attach to stopped qube {netvm.name}")
         client_ns = self.layout.netns(client.name)
         netvm_ns = self.layout.netns(netvm.name)
         vif = self.vif_name(client)
-        run(["ip", "link", "add", "eth0", "netns", client_ns, "type", "veth",
-             "peer", "name", vif, "netns", netvm_ns])
+        run(["ip", "link", "add", "eth0", "netns", client_ns, "type", "veth", "peer", "name", vif, "netns", netvm_ns])
         run(["ip", "-n", client_ns, "link", "set", "eth0", "address", client.get("mac")])
         run(["ip", "-n", netvm_ns, "link", "set", vif, "address", BACKEND_MAC])
         run(["ip", "-n", netvm_ns, "link", "set", vif, "up"])
@@ -552,8 +574,22 @@ class Runtime:
         # runtime has that MAC, so it adds them after the agent's event.
         for address in (client.get("ip"), client.get("ip6")):
             if address:
-                run(["ip", "-n", netvm_ns, "neigh", "replace", str(address), "dev", vif,
-                     "lladdr", client.get("mac"), "nud", "permanent"])
+                run(
+                    [
+                        "ip",
+                        "-n",
+                        netvm_ns,
+                        "neigh",
+                        "replace",
+                        str(address),
+                        "dev",
+                        vif,
+                        "lladdr",
+                        client.get("mac"),
+                        "nud",
+                        "permanent",
+                    ]
+                )
 
     def detach_link(self, app, client):
         """Run vif-offline in the netvm and delete the client's veth pair."""
@@ -582,14 +618,12 @@ class Runtime:
         if not netns_exists(uplink):
             raise VMError(f"uplink namespace {uplink} does not exist: the lab is not up")
         peer = "nic0"
-        run(["ip", "link", "add", "eth0", "netns", namespace, "type", "veth",
-             "peer", "name", peer, "netns", uplink])
+        run(["ip", "link", "add", "eth0", "netns", namespace, "type", "veth", "peer", "name", peer, "netns", uplink])
         run(["ip", "-n", uplink, "link", "set", peer, "master", UPLINK_BRIDGE])
         run(["ip", "-n", uplink, "link", "set", peer, "up"])
         run(["ip", "-n", namespace, "link", "set", "eth0", "up"])
         run(["ip", "-n", namespace, "addr", "add", UPLINK_QUBE_ADDRESS, "dev", "eth0"])
-        run(["ip", "-n", namespace, "-6", "addr", "add", UPLINK_QUBE_ADDRESS6,
-             "dev", "eth0", "nodad"])
+        run(["ip", "-n", namespace, "-6", "addr", "add", UPLINK_QUBE_ADDRESS6, "dev", "eth0", "nodad"])
         run(["ip", "-n", namespace, "route", "add", "default", "via", UPLINK_GATEWAY])
         run(["ip", "-n", namespace, "-6", "route", "add", "default", "via", UPLINK_GATEWAY6])
         (self.root_dir(name) / "etc").mkdir(exist_ok=True)
@@ -607,17 +641,18 @@ class Runtime:
         app = self.store.read()
         init_pid = self.init_pid(app, name)
         argv = self.container_argv(init_pid, ["/bin/sh", "-c", "cat > /etc/resolv.conf"])
-        subprocess.run(argv, input=UPLINK_RESOLV_CONF, text=True, check=True,
-                       capture_output=True)
+        subprocess.run(argv, input=UPLINK_RESOLV_CONF, text=True, check=True, capture_output=True)
         self.agent_event(app, name, "uplink-changed")
 
     def reattach_clients(self, netvm_name):
         """Attach running clients of a netvm that just started (domain-start in net.py)."""
         with self.store.transaction() as app:
             netvm = app.domain(netvm_name)
-            clients = [client for client in app.connected_vms(netvm)
-                       if app.is_running(client.name)
-                       and not (app.runtime(client.name) or {}).get("link")]
+            clients = [
+                client
+                for client in app.connected_vms(netvm)
+                if app.is_running(client.name) and not (app.runtime(client.name) or {}).get("link")
+            ]
             for client in clients:
                 self.attach_link(app, client, netvm)
         for client in clients:
@@ -631,14 +666,12 @@ class Runtime:
         if not app.is_running(vm.name):
             return
         if new_netvm is not None and not app.is_running(new_netvm.name):
-            raise VMNotStartedError(
-                new_netvm.name, f"Cannot dynamically attach to stopped qube {new_netvm.name}")
+            raise VMNotStartedError(new_netvm.name, f"Cannot dynamically attach to stopped qube {new_netvm.name}")
         entry = app.runtime(vm.name)
         if entry.get("link"):
             self.detach_link(app, vm)
         if old_netvm is not None and app.is_running(old_netvm.name):
-            qubesdb.write_tree(self.qubesdb_dir(old_netvm.name),
-                               qubesdb.qube_entries(app, old_netvm))
+            qubesdb.write_tree(self.qubesdb_dir(old_netvm.name), qubesdb.qube_entries(app, old_netvm))
         if new_netvm is None:
             return
         qubesdb.write_tree(self.qubesdb_dir(vm.name), qubesdb.qube_entries(app, vm))
@@ -654,13 +687,22 @@ class Runtime:
         mirror = self.store.read().data["lab"].get("mirror")
         if not mirror:
             raise VMError("the lab run has no apt mirror recorded: start it with Lab.up")
-        argv = ["ip", "netns", "exec", namespace, sys.executable,
-                str(layout_module.LAB_DIR / "updates_proxy.py"), "--mirror", str(mirror),
-                "--listen", UPDATES_PROXY_ADDRESS,
-                "--log", str(self.layout.logs_dir / f"{name}.updates-proxy")]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            namespace,
+            sys.executable,
+            str(layout_module.LAB_DIR / "updates_proxy.py"),
+            "--mirror",
+            str(mirror),
+            "--listen",
+            UPDATES_PROXY_ADDRESS,
+            "--log",
+            str(self.layout.logs_dir / f"{name}.updates-proxy"),
+        ]
         log_file = open(self.layout.logs_dir / f"{name}.updates-proxy.out", "ab")
-        _, record = self.registry.spawn(argv, "updates-proxy", name, stdout=log_file,
-                                        stderr=subprocess.STDOUT)
+        _, record = self.registry.spawn(argv, "updates-proxy", name, stdout=log_file, stderr=subprocess.STDOUT)
         log_file.close()
         with self.store.transaction() as app:
             app.data["runtime"][name]["proxy"] = record.to_json()
@@ -671,8 +713,7 @@ class Runtime:
         port = address.rsplit(":", 1)[1]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            result = run(["ip", "netns", "exec", namespace, "ss", "-Hltn", f"sport = :{port}"],
-                         check=False)
+            result = run(["ip", "netns", "exec", namespace, "ss", "-Hltn", f"sport = :{port}"], check=False)
             if result.stdout.strip():
                 return
             if not procs.is_alive(record):
@@ -691,11 +732,9 @@ class Runtime:
             if state == "Halted":
                 raise VMNotStartedError(name)
             if vm.klass != "AdminVM" and vm.get("provides_network") and not force:
-                running = [client.name for client in app.connected_vms(vm)
-                           if app.power_state(client.name) != "Halted"]
+                running = [client.name for client in app.connected_vms(vm) if app.power_state(client.name) != "Halted"]
                 if running:
-                    raise VMError("There are other VMs connected to this VM: "
-                                  + ", ".join(running))
+                    raise VMError("There are other VMs connected to this VM: " + ", ".join(running))
             entry = app.runtime(name)
             if state == "Transient":
                 raise VMError(f"domain {name} is starting; try again when it runs")
@@ -740,8 +779,7 @@ class Runtime:
         entry = app.runtime(name) or {}
         for role in ("proxy", "init", "nspawn"):
             if entry.get(role):
-                procs.end_processes([procs.ProcessRecord(**entry[role])], timeout=3.0,
-                                    first_signal=signal.SIGKILL)
+                procs.end_processes([procs.ProcessRecord(**entry[role])], timeout=3.0, first_signal=signal.SIGKILL)
         with self.store.transaction() as app:
             if name in app:
                 vm = app.domain(name)
@@ -795,8 +833,7 @@ class Runtime:
 
 def monitor_main(run_dir, name, ready_fd):
     """Boot a qube, report readiness on *ready_fd*, then supervise until it ends."""
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s monitor[{name}] %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s monitor[{name}] %(levelname)s %(message)s")
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     runtime = Runtime(layout_module.RunLayout(run_dir))
     ready = os.fdopen(ready_fd, "w")

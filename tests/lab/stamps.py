@@ -32,7 +32,7 @@ def _variable_length_set(items):
         return b"\x00"
     encoded = b""
     for index, item in enumerate(items):
-        if len(item) > 0x7f:
+        if len(item) > 0x7F:
             raise ValueError("stamp set item longer than 127 bytes")
         last = index == len(items) - 1
         encoded += bytes([len(item) | (0 if last else 0x80)]) + item
@@ -54,22 +54,25 @@ def plain_stamp(address, properties=0):
 def dnscrypt_stamp(address, provider_public_key, provider_name, properties=LAB_PROPERTIES):
     """Return a DNSCrypt stamp; *address* is "IP:port" or "[IPv6]:port"."""
     if len(provider_public_key) != 32:
-        raise ValueError(
-            f"DNSCrypt provider public key must be 32 bytes, got {len(provider_public_key)}")
-    payload = (_header(PROTOCOL_DNSCRYPT, properties)
-               + _length_prefixed(address.encode())
-               + _length_prefixed(provider_public_key)
-               + _length_prefixed(provider_name.encode()))
+        raise ValueError(f"DNSCrypt provider public key must be 32 bytes, got {len(provider_public_key)}")
+    payload = (
+        _header(PROTOCOL_DNSCRYPT, properties)
+        + _length_prefixed(address.encode())
+        + _length_prefixed(provider_public_key)
+        + _length_prefixed(provider_name.encode())
+    )
     return _encode(payload)
 
 
 def doh_stamp(address, hostname, path, certificate_hashes, properties=LAB_PROPERTIES):
     """Return a DoH stamp; *hostname* may carry ":port" when it is not 443."""
-    payload = (_header(PROTOCOL_DOH, properties)
-               + _length_prefixed(address.encode())
-               + _variable_length_set(list(certificate_hashes))
-               + _length_prefixed(hostname.encode())
-               + _length_prefixed(path.encode()))
+    payload = (
+        _header(PROTOCOL_DOH, properties)
+        + _length_prefixed(address.encode())
+        + _variable_length_set(list(certificate_hashes))
+        + _length_prefixed(hostname.encode())
+        + _length_prefixed(path.encode())
+    )
     return _encode(payload)
 
 
@@ -77,7 +80,7 @@ def decode(stamp):
     """Decode a stamp into a dict (used by tests to check the encoding)."""
     if not stamp.startswith("sdns://"):
         raise ValueError(f"not a DNS stamp: {stamp!r}")
-    text = stamp[len("sdns://"):]
+    text = stamp[len("sdns://") :]
     data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     protocol = data[0]
     properties = struct.unpack("<Q", data[1:9])[0]
@@ -86,7 +89,7 @@ def decode(stamp):
     def field():
         nonlocal position
         length = data[position]
-        value = data[position + 1:position + 1 + length]
+        value = data[position + 1 : position + 1 + length]
         position += 1 + length
         return value
 
@@ -98,8 +101,8 @@ def decode(stamp):
         hashes = []
         while True:
             length = data[position]
-            item = data[position + 1:position + 1 + (length & 0x7f)]
-            position += 1 + (length & 0x7f)
+            item = data[position + 1 : position + 1 + (length & 0x7F)]
+            position += 1 + (length & 0x7F)
             if item:
                 hashes.append(item)
             if not length & 0x80:
@@ -115,13 +118,14 @@ def tbs_certificate_hash(der_certificate):
 
     dnscrypt-proxy pins DoH servers by this hash (the `hashes` stamp field).
     """
+
     def read_header(data, offset):
         tag = data[offset]
         length = data[offset + 1]
         offset += 2
         if length & 0x80:
-            count = length & 0x7f
-            length = int.from_bytes(data[offset:offset + count], "big")
+            count = length & 0x7F
+            length = int.from_bytes(data[offset : offset + count], "big")
             offset += count
         return tag, length, offset
 
@@ -132,4 +136,4 @@ def tbs_certificate_hash(der_certificate):
     tag, length, content = read_header(der_certificate, offset)
     if tag != 0x30:
         raise ValueError("TBSCertificate is not a DER SEQUENCE")
-    return hashlib.sha256(der_certificate[start:content + length]).digest()
+    return hashlib.sha256(der_certificate[start : content + length]).digest()

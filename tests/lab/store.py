@@ -27,8 +27,14 @@ ALL_CLASSES = (ADMIN_CLASS,) + VM_CLASSES
 
 # Standard labels and their indexes, from qubes/app.py (Qubes.__init__ labels).
 LABELS = {
-    "red": 1, "orange": 2, "yellow": 3, "green": 4,
-    "gray": 5, "blue": 6, "purple": 7, "black": 8,
+    "red": 1,
+    "orange": 2,
+    "yellow": 3,
+    "green": 4,
+    "gray": 5,
+    "blue": 6,
+    "purple": 7,
+    "black": 8,
 }
 
 # From qubes/config.py (max_qid, max_dispid, qubes_ipv6_prefix, defaults).
@@ -42,6 +48,7 @@ VIRTUAL_DNS = ("10.139.1.1", "10.139.1.2")
 
 
 # Exceptions: names and messages follow qubes/exc.py.
+
 
 class QubesError(Exception):
     """An error qubesd would report to the client tool."""
@@ -75,8 +82,7 @@ class QubesValueError(QubesError, ValueError):
 
 class PropertyValueError(QubesValueError):
     def __init__(self, holder, prop, value, message=None):
-        super().__init__(
-            message or f"Invalid value {value!r} for property {prop!r} of {holder}")
+        super().__init__(message or f"Invalid value {value!r} for property {prop!r} of {holder}")
 
 
 class LabelNotFoundError(QubesError, KeyError):
@@ -119,6 +125,7 @@ class LabLimitError(QubesError):
 
 # Values
 
+
 @dataclass(frozen=True)
 class Label:
     name: str
@@ -149,14 +156,15 @@ def format_value(value):
 
 # Property definitions
 
+
 @dataclass(frozen=True)
 class Prop:
     """One property: its type, the classes that have it, its default and setter."""
 
     name: str
-    kind: str                      # str int bool vm label ipv4 ipv6 uuid
+    kind: str  # str int bool vm label ipv4 ipv6 uuid
     classes: tuple
-    default: Optional[Callable] = None   # callable(domain) or None: no default
+    default: Optional[Callable] = None  # callable(domain) or None: no default
     settable: bool = True
     write_once: bool = False
     allow_none: bool = False
@@ -171,6 +179,7 @@ def _template_or(prop, fallback):
             with contextlib.suppress(AttributeError):
                 return template.get(prop)
         return fallback(vm) if callable(fallback) else fallback
+
     return default
 
 
@@ -263,161 +272,346 @@ QUBES_VMS = VM_CLASSES
 TEMPLATE_BASED = ("AppVM", "DispVM")
 
 PROPERTIES = [
-    Prop("name", "str", ALL_CLASSES, settable=False, write_once=True,
-         doc="User-specified name of the domain."),
-    Prop("qid", "int", ALL_CLASSES, settable=False, write_once=True,
-         doc="Internal, persistent identificator of particular domain."),
-    Prop("uuid", "uuid", ALL_CLASSES, settable=False, write_once=True,
-         doc="UUID from libvirt."),
-    Prop("label", "label", ALL_CLASSES,
-         doc="Colourful label assigned to VM."),
-    Prop("icon", "str", ALL_CLASSES, default=_icon, settable=False,
-         doc="freedesktop icon name."),
-    Prop("xid", "int", ALL_CLASSES, default=_xid, settable=False,
-         doc="Xen ID (in the lab: a counter per start)."),
-    Prop("default_dispvm", "vm", ALL_CLASSES, allow_none=True,
-         default=lambda vm: (vm.get("template") if vm.klass == "DispVM"
-                             else vm.app.get_global("default_dispvm")),
-         doc="Default VM to be used as Disposable VM for service calls."),
-    Prop("include_in_backups", "bool", ALL_CLASSES,
-         default=lambda vm: (not vm.get("auto_cleanup")) if vm.klass == "DispVM" else True,
-         doc="If this domain is to be included in default backup."),
-    Prop("updateable", "bool", ALL_CLASSES,
-         default=lambda vm: vm.klass != "DispVM" and vm.template_or_none() is None,
-         settable=False, doc="True if this machine may be updated on its own."),
-    Prop("keyboard_layout", "str", ALL_CLASSES, default=lambda vm: "us++",
-         doc="Keyboard layout for this VM."),
-
-    Prop("guivm", "vm", QUBES_VMS, allow_none=True,
-         default=lambda vm: vm.app.get_global("default_guivm"), doc="VM used for Gui."),
-    Prop("audiovm", "vm", QUBES_VMS, allow_none=True,
-         default=lambda vm: vm.app.get_global("default_audiovm"), doc="VM used for Audio."),
-    Prop("virt_mode", "str", QUBES_VMS, default=_default_virt_mode,
-         doc='Virtualisation mode: "hvm", "pv" or "pvh".'),
-    Prop("installed_by_rpm", "bool", QUBES_VMS, default=lambda vm: False,
-         doc="If this domain's image was installed from package tracked by package manager."),
-    Prop("memory", "int", QUBES_VMS, default=_template_or("memory", DEFAULT_MEMORY),
-         doc="Memory currently available for this VM."),
-    Prop("maxmem", "int", QUBES_VMS, default=_template_or("maxmem", DEFAULT_MAXMEM),
-         doc="Maximum amount of memory available for this VM."),
-    Prop("stubdom_mem", "int", QUBES_VMS, default=lambda vm: None,
-         doc="Memory amount allocated for the stubdom."),
-    Prop("vcpus", "int", QUBES_VMS, default=_template_or("vcpus", 2),
-         doc="Number of virtual CPUs for a qube."),
-    Prop("kernel", "str", QUBES_VMS,
-         default=_template_or("kernel", lambda vm: vm.app.get_global("default_kernel")),
-         doc="Kernel used by this domain."),
-    Prop("kernelopts", "str", QUBES_VMS, default=_template_or("kernelopts", "swiotlb=2048"),
-         doc="Kernel command line passed to domain."),
-    Prop("debug", "bool", QUBES_VMS, default=lambda vm: False,
-         doc="Turns on debugging features."),
-    Prop("default_user", "str", QUBES_VMS, default=_template_or("default_user", "user"),
-         doc="Default user to start applications as."),
-    Prop("qrexec_timeout", "int", QUBES_VMS,
-         default=_template_or("qrexec_timeout",
-                              lambda vm: vm.app.get_global("default_qrexec_timeout")),
-         doc="Time in seconds after which qrexec connection attempt is deemed failed."),
-    Prop("shutdown_timeout", "int", QUBES_VMS,
-         default=_template_or("shutdown_timeout",
-                              lambda vm: vm.app.get_global("default_shutdown_timeout")),
-         doc="Time in seconds for shutdown of the VM."),
-    Prop("autostart", "bool", QUBES_VMS, default=lambda vm: False,
-         doc="Setting this to True means that VM should be autostarted on dom0 boot."),
-    Prop("backup_timestamp", "int", QUBES_VMS, default=lambda vm: None,
-         doc="Time of last backup of the qube, in seconds since unix epoch."),
-    Prop("management_dispvm", "vm", QUBES_VMS, allow_none=True,
-         default=_template_or("management_dispvm",
-                              lambda vm: vm.app.get_global("management_dispvm")),
-         doc="Default DVM template for Disposable VM for managing this VM."),
-    Prop("start_time", "str", QUBES_VMS, default=_start_time, settable=False,
-         doc="Tell when machine was started."),
-    Prop("stubdom_xid", "int", QUBES_VMS, default=lambda vm: -1, settable=False,
-         doc="Stub domain ID."),
-
-    Prop("mac", "str", QUBES_VMS, default=lambda vm: DEFAULT_MAC,
-         doc="MAC address of the NIC emulated inside VM."),
+    Prop("name", "str", ALL_CLASSES, settable=False, write_once=True, doc="User-specified name of the domain."),
+    Prop(
+        "qid",
+        "int",
+        ALL_CLASSES,
+        settable=False,
+        write_once=True,
+        doc="Internal, persistent identificator of particular domain.",
+    ),
+    Prop("uuid", "uuid", ALL_CLASSES, settable=False, write_once=True, doc="UUID from libvirt."),
+    Prop("label", "label", ALL_CLASSES, doc="Colourful label assigned to VM."),
+    Prop("icon", "str", ALL_CLASSES, default=_icon, settable=False, doc="freedesktop icon name."),
+    Prop("xid", "int", ALL_CLASSES, default=_xid, settable=False, doc="Xen ID (in the lab: a counter per start)."),
+    Prop(
+        "default_dispvm",
+        "vm",
+        ALL_CLASSES,
+        allow_none=True,
+        default=lambda vm: vm.get("template") if vm.klass == "DispVM" else vm.app.get_global("default_dispvm"),
+        doc="Default VM to be used as Disposable VM for service calls.",
+    ),
+    Prop(
+        "include_in_backups",
+        "bool",
+        ALL_CLASSES,
+        default=lambda vm: (not vm.get("auto_cleanup")) if vm.klass == "DispVM" else True,
+        doc="If this domain is to be included in default backup.",
+    ),
+    Prop(
+        "updateable",
+        "bool",
+        ALL_CLASSES,
+        default=lambda vm: vm.klass != "DispVM" and vm.template_or_none() is None,
+        settable=False,
+        doc="True if this machine may be updated on its own.",
+    ),
+    Prop("keyboard_layout", "str", ALL_CLASSES, default=lambda vm: "us++", doc="Keyboard layout for this VM."),
+    Prop(
+        "guivm",
+        "vm",
+        QUBES_VMS,
+        allow_none=True,
+        default=lambda vm: vm.app.get_global("default_guivm"),
+        doc="VM used for Gui.",
+    ),
+    Prop(
+        "audiovm",
+        "vm",
+        QUBES_VMS,
+        allow_none=True,
+        default=lambda vm: vm.app.get_global("default_audiovm"),
+        doc="VM used for Audio.",
+    ),
+    Prop("virt_mode", "str", QUBES_VMS, default=_default_virt_mode, doc='Virtualisation mode: "hvm", "pv" or "pvh".'),
+    Prop(
+        "installed_by_rpm",
+        "bool",
+        QUBES_VMS,
+        default=lambda vm: False,
+        doc="If this domain's image was installed from package tracked by package manager.",
+    ),
+    Prop(
+        "memory",
+        "int",
+        QUBES_VMS,
+        default=_template_or("memory", DEFAULT_MEMORY),
+        doc="Memory currently available for this VM.",
+    ),
+    Prop(
+        "maxmem",
+        "int",
+        QUBES_VMS,
+        default=_template_or("maxmem", DEFAULT_MAXMEM),
+        doc="Maximum amount of memory available for this VM.",
+    ),
+    Prop("stubdom_mem", "int", QUBES_VMS, default=lambda vm: None, doc="Memory amount allocated for the stubdom."),
+    Prop("vcpus", "int", QUBES_VMS, default=_template_or("vcpus", 2), doc="Number of virtual CPUs for a qube."),
+    Prop(
+        "kernel",
+        "str",
+        QUBES_VMS,
+        default=_template_or("kernel", lambda vm: vm.app.get_global("default_kernel")),
+        doc="Kernel used by this domain.",
+    ),
+    Prop(
+        "kernelopts",
+        "str",
+        QUBES_VMS,
+        default=_template_or("kernelopts", "swiotlb=2048"),
+        doc="Kernel command line passed to domain.",
+    ),
+    Prop("debug", "bool", QUBES_VMS, default=lambda vm: False, doc="Turns on debugging features."),
+    Prop(
+        "default_user",
+        "str",
+        QUBES_VMS,
+        default=_template_or("default_user", "user"),
+        doc="Default user to start applications as.",
+    ),
+    Prop(
+        "qrexec_timeout",
+        "int",
+        QUBES_VMS,
+        default=_template_or("qrexec_timeout", lambda vm: vm.app.get_global("default_qrexec_timeout")),
+        doc="Time in seconds after which qrexec connection attempt is deemed failed.",
+    ),
+    Prop(
+        "shutdown_timeout",
+        "int",
+        QUBES_VMS,
+        default=_template_or("shutdown_timeout", lambda vm: vm.app.get_global("default_shutdown_timeout")),
+        doc="Time in seconds for shutdown of the VM.",
+    ),
+    Prop(
+        "autostart",
+        "bool",
+        QUBES_VMS,
+        default=lambda vm: False,
+        doc="Setting this to True means that VM should be autostarted on dom0 boot.",
+    ),
+    Prop(
+        "backup_timestamp",
+        "int",
+        QUBES_VMS,
+        default=lambda vm: None,
+        doc="Time of last backup of the qube, in seconds since unix epoch.",
+    ),
+    Prop(
+        "management_dispvm",
+        "vm",
+        QUBES_VMS,
+        allow_none=True,
+        default=_template_or("management_dispvm", lambda vm: vm.app.get_global("management_dispvm")),
+        doc="Default DVM template for Disposable VM for managing this VM.",
+    ),
+    Prop("start_time", "str", QUBES_VMS, default=_start_time, settable=False, doc="Tell when machine was started."),
+    Prop("stubdom_xid", "int", QUBES_VMS, default=lambda vm: -1, settable=False, doc="Stub domain ID."),
+    Prop("mac", "str", QUBES_VMS, default=lambda vm: DEFAULT_MAC, doc="MAC address of the NIC emulated inside VM."),
     Prop("ip", "ipv4", QUBES_VMS, default=_default_ip, doc="IP address of this domain."),
     Prop("ip6", "ipv6", QUBES_VMS, default=_default_ip6, doc="IPv6 address of this domain."),
-    Prop("netvm", "vm", QUBES_VMS, allow_none=True,
-         default=lambda vm: (None if vm.klass == "TemplateVM"
-                             else vm.app.get_global("default_netvm")),
-         doc="VM that provides network connection to this domain."),
-    Prop("provides_network", "bool", QUBES_VMS, default=lambda vm: False,
-         doc="If this domain can act as network provider."),
-    Prop("visible_ip", "ipv4", QUBES_VMS, settable=False,
-         default=lambda vm: vm.check_with_template("net.fake-ip", None) or vm.get("ip"),
-         doc="IP address of this domain as seen by the domain."),
-    Prop("visible_ip6", "ipv6", QUBES_VMS, settable=False, default=lambda vm: vm.get("ip6"),
-         doc="IPv6 address of this domain as seen by the domain."),
-    Prop("visible_gateway", "ipv4", QUBES_VMS, settable=False, default=_visible_gateway,
-         doc="Default gateway of this domain as seen by the domain."),
-    Prop("visible_gateway6", "ipv6", QUBES_VMS, settable=False, default=_visible_gateway6,
-         doc="Default (IPv6) gateway of this domain as seen by the domain."),
-    Prop("visible_netmask", "str", QUBES_VMS, settable=False, default=_visible_netmask,
-         doc="Netmask as seen by the domain."),
-    Prop("gateway", "ipv4", QUBES_VMS, settable=False,
-         default=lambda vm: vm.get("visible_ip") if vm.get("provides_network") else None,
-         doc="Gateway for other domains that use this domain as netvm."),
-    Prop("gateway6", "ipv6", QUBES_VMS, settable=False, default=_gateway6,
-         doc="Gateway (IPv6) for other domains that use this domain as netvm."),
-    Prop("netmask", "str", QUBES_VMS, settable=False,
-         default=lambda vm: "255.255.255.255" if vm.is_networked() else None,
-         doc="Netmask for gateway address."),
-    Prop("dns", "str", QUBES_VMS, settable=False, default=_dns,
-         doc="DNS servers set up for this domain."),
-
-    Prop("template", "vm", ("AppVM",), vmclass=("TemplateVM",),
-         doc="Template, on which this AppVM is based."),
-    Prop("template", "vm", ("DispVM",), vmclass=("AppVM",),
-         doc="AppVM, on which this DispVM is based."),
-    Prop("template_for_dispvms", "bool", ("AppVM", "StandaloneVM"),
-         default=lambda vm: False,
-         doc="Should this VM be allowed to start as Disposable VM."),
-    Prop("dispid", "int", ("DispVM",), settable=False, write_once=True,
-         doc="Internal, persistent identifier of particular DispVM."),
-    Prop("auto_cleanup", "bool", ("DispVM",), default=lambda vm: False,
-         doc="Automatically remove this VM upon shutdown."),
+    Prop(
+        "netvm",
+        "vm",
+        QUBES_VMS,
+        allow_none=True,
+        default=lambda vm: None if vm.klass == "TemplateVM" else vm.app.get_global("default_netvm"),
+        doc="VM that provides network connection to this domain.",
+    ),
+    Prop(
+        "provides_network",
+        "bool",
+        QUBES_VMS,
+        default=lambda vm: False,
+        doc="If this domain can act as network provider.",
+    ),
+    Prop(
+        "visible_ip",
+        "ipv4",
+        QUBES_VMS,
+        settable=False,
+        default=lambda vm: vm.check_with_template("net.fake-ip", None) or vm.get("ip"),
+        doc="IP address of this domain as seen by the domain.",
+    ),
+    Prop(
+        "visible_ip6",
+        "ipv6",
+        QUBES_VMS,
+        settable=False,
+        default=lambda vm: vm.get("ip6"),
+        doc="IPv6 address of this domain as seen by the domain.",
+    ),
+    Prop(
+        "visible_gateway",
+        "ipv4",
+        QUBES_VMS,
+        settable=False,
+        default=_visible_gateway,
+        doc="Default gateway of this domain as seen by the domain.",
+    ),
+    Prop(
+        "visible_gateway6",
+        "ipv6",
+        QUBES_VMS,
+        settable=False,
+        default=_visible_gateway6,
+        doc="Default (IPv6) gateway of this domain as seen by the domain.",
+    ),
+    Prop(
+        "visible_netmask",
+        "str",
+        QUBES_VMS,
+        settable=False,
+        default=_visible_netmask,
+        doc="Netmask as seen by the domain.",
+    ),
+    Prop(
+        "gateway",
+        "ipv4",
+        QUBES_VMS,
+        settable=False,
+        default=lambda vm: vm.get("visible_ip") if vm.get("provides_network") else None,
+        doc="Gateway for other domains that use this domain as netvm.",
+    ),
+    Prop(
+        "gateway6",
+        "ipv6",
+        QUBES_VMS,
+        settable=False,
+        default=_gateway6,
+        doc="Gateway (IPv6) for other domains that use this domain as netvm.",
+    ),
+    Prop(
+        "netmask",
+        "str",
+        QUBES_VMS,
+        settable=False,
+        default=lambda vm: "255.255.255.255" if vm.is_networked() else None,
+        doc="Netmask for gateway address.",
+    ),
+    Prop("dns", "str", QUBES_VMS, settable=False, default=_dns, doc="DNS servers set up for this domain."),
+    Prop("template", "vm", ("AppVM",), vmclass=("TemplateVM",), doc="Template, on which this AppVM is based."),
+    Prop("template", "vm", ("DispVM",), vmclass=("AppVM",), doc="AppVM, on which this DispVM is based."),
+    Prop(
+        "template_for_dispvms",
+        "bool",
+        ("AppVM", "StandaloneVM"),
+        default=lambda vm: False,
+        doc="Should this VM be allowed to start as Disposable VM.",
+    ),
+    Prop(
+        "dispid",
+        "int",
+        ("DispVM",),
+        settable=False,
+        write_once=True,
+        doc="Internal, persistent identifier of particular DispVM.",
+    ),
+    Prop(
+        "auto_cleanup", "bool", ("DispVM",), default=lambda vm: False, doc="Automatically remove this VM upon shutdown."
+    ),
 ]
 
 GLOBAL_PROPERTIES = [
-    Prop("clockvm", "vm", (), allow_none=True, default=lambda app: None,
-         doc="Which VM to use as NTP proxy for updating AdminVM."),
-    Prop("check_updates_vm", "bool", (), default=lambda app: True,
-         doc="Check for updates inside qubes."),
-    Prop("default_audiovm", "vm", (), allow_none=True,
-         default=lambda app: app.domain("dom0"), doc="Default AudioVM for VMs."),
-    Prop("default_dispvm", "vm", (), allow_none=True, default=lambda app: None,
-         doc="Default DispVM base for service calls."),
-    Prop("default_guivm", "vm", (), allow_none=True,
-         default=lambda app: app.domain("dom0"), doc="Default GuiVM for VMs."),
+    Prop(
+        "clockvm",
+        "vm",
+        (),
+        allow_none=True,
+        default=lambda app: None,
+        doc="Which VM to use as NTP proxy for updating AdminVM.",
+    ),
+    Prop("check_updates_vm", "bool", (), default=lambda app: True, doc="Check for updates inside qubes."),
+    Prop(
+        "default_audiovm",
+        "vm",
+        (),
+        allow_none=True,
+        default=lambda app: app.domain("dom0"),
+        doc="Default AudioVM for VMs.",
+    ),
+    Prop(
+        "default_dispvm",
+        "vm",
+        (),
+        allow_none=True,
+        default=lambda app: None,
+        doc="Default DispVM base for service calls.",
+    ),
+    Prop(
+        "default_guivm", "vm", (), allow_none=True, default=lambda app: app.domain("dom0"), doc="Default GuiVM for VMs."
+    ),
     Prop("default_kernel", "str", (), doc="Which kernel to use when not overriden in VM."),
-    Prop("default_netvm", "vm", (), allow_none=True, default=lambda app: None,
-         doc="Default NetVM for AppVMs."),
-    Prop("default_pool", "str", (), default=lambda app: "varlibqubes",
-         doc="Default storage pool."),
-    Prop("default_pool_kernel", "str", (), default=lambda app: "linux-kernel",
-         doc="Default storage pool for kernel volumes."),
-    Prop("default_pool_private", "str", (),
-         default=lambda app: app.get_global("default_pool"),
-         doc="Default storage pool for private volumes."),
-    Prop("default_pool_root", "str", (),
-         default=lambda app: app.get_global("default_pool"),
-         doc="Default storage pool for root volumes."),
-    Prop("default_pool_volatile", "str", (),
-         default=lambda app: app.get_global("default_pool"),
-         doc="Default storage pool for volatile volumes."),
-    Prop("default_qrexec_timeout", "int", (), default=lambda app: 60,
-         doc="Default time in seconds after which qrexec connection attempt is deemed failed."),
-    Prop("default_shutdown_timeout", "int", (), default=lambda app: 60,
-         doc="Default time in seconds for VM shutdown to complete."),
-    Prop("default_template", "vm", (), vmclass=("TemplateVM",),
-         doc="Default template for new AppVMs."),
-    Prop("management_dispvm", "vm", (), allow_none=True, default=lambda app: None,
-         doc="Default DVM template for Disposable VM for managing other VMs."),
-    Prop("stats_interval", "int", (), default=lambda app: 3,
-         doc="Interval in seconds for VM stats reporting (memory, CPU usage)."),
-    Prop("updatevm", "vm", (), allow_none=True, default=lambda app: None,
-         doc="Which VM to use as yum proxy for updating AdminVM and TemplateVMs."),
+    Prop("default_netvm", "vm", (), allow_none=True, default=lambda app: None, doc="Default NetVM for AppVMs."),
+    Prop("default_pool", "str", (), default=lambda app: "varlibqubes", doc="Default storage pool."),
+    Prop(
+        "default_pool_kernel",
+        "str",
+        (),
+        default=lambda app: "linux-kernel",
+        doc="Default storage pool for kernel volumes.",
+    ),
+    Prop(
+        "default_pool_private",
+        "str",
+        (),
+        default=lambda app: app.get_global("default_pool"),
+        doc="Default storage pool for private volumes.",
+    ),
+    Prop(
+        "default_pool_root",
+        "str",
+        (),
+        default=lambda app: app.get_global("default_pool"),
+        doc="Default storage pool for root volumes.",
+    ),
+    Prop(
+        "default_pool_volatile",
+        "str",
+        (),
+        default=lambda app: app.get_global("default_pool"),
+        doc="Default storage pool for volatile volumes.",
+    ),
+    Prop(
+        "default_qrexec_timeout",
+        "int",
+        (),
+        default=lambda app: 60,
+        doc="Default time in seconds after which qrexec connection attempt is deemed failed.",
+    ),
+    Prop(
+        "default_shutdown_timeout",
+        "int",
+        (),
+        default=lambda app: 60,
+        doc="Default time in seconds for VM shutdown to complete.",
+    ),
+    Prop("default_template", "vm", (), vmclass=("TemplateVM",), doc="Default template for new AppVMs."),
+    Prop(
+        "management_dispvm",
+        "vm",
+        (),
+        allow_none=True,
+        default=lambda app: None,
+        doc="Default DVM template for Disposable VM for managing other VMs.",
+    ),
+    Prop(
+        "stats_interval",
+        "int",
+        (),
+        default=lambda app: 3,
+        doc="Interval in seconds for VM stats reporting (memory, CPU usage).",
+    ),
+    Prop(
+        "updatevm",
+        "vm",
+        (),
+        allow_none=True,
+        default=lambda app: None,
+        doc="Which VM to use as yum proxy for updating AdminVM and TemplateVMs.",
+    ),
 ]
 GLOBAL_BY_NAME = {prop.name: prop for prop in GLOBAL_PROPERTIES}
 
@@ -497,14 +691,14 @@ def parse_scalar(prop, text, holder):
 
 
 def _check_positive(prop, value, holder):
-    if prop.name in ("memory", "vcpus", "qrexec_timeout", "shutdown_timeout",
-                     "stubdom_mem") and value <= 0:
+    if prop.name in ("memory", "vcpus", "qrexec_timeout", "shutdown_timeout", "stubdom_mem") and value <= 0:
         raise PropertyValueError(holder, prop.name, value, "Value must be positive")
     if prop.name == "maxmem" and value < 0:
         raise PropertyValueError(holder, prop.name, value, "Value must be non-negative")
 
 
 # Model
+
 
 class Features:
     """A qube's features: string values, as qubesd stores them."""
@@ -550,7 +744,7 @@ class Features:
 def validate_feature(key, value):
     """Apply the feature-pre-set checks of qubes/ext/services.py and net.py."""
     if key.startswith("service."):
-        service = key[len("service."):]
+        service = key[len("service.") :]
         if not service:
             raise QubesValueError("Service name cannot be empty")
         if "/" in service:
@@ -653,9 +847,7 @@ class Domain:
         """Set a property from its client text form; return (old, new) raw values."""
         prop = self.prop_def(name)
         if not prop.settable:
-            raise PropertyValueError(
-                self.name, name, text,
-                f"property {name!r} on {self.klass} instance cannot be set")
+            raise PropertyValueError(self.name, name, text, f"property {name!r} on {self.klass} instance cannot be set")
         if prop.kind == "vm":
             value = self.app.resolve_vm_value(self, prop, text)
         else:
@@ -670,9 +862,7 @@ class Domain:
     def reset(self, name):
         prop = self.prop_def(name)
         if not prop.settable:
-            raise PropertyValueError(
-                self.name, name, None,
-                f"property {name!r} on {self.klass} instance cannot be set")
+            raise PropertyValueError(self.name, name, None, f"property {name!r} on {self.klass} instance cannot be set")
         if name == "netvm":
             default = prop.default(self)
             self._check_setter(prop, default.name if default else None)
@@ -690,17 +880,15 @@ class Domain:
                 raise QubesValueError("Loops in network are unsupported")
         if prop.name == "provides_network" and not value:
             if self.app.connected_vms(self):
-                raise QubesValueError(
-                    "The qube is still used by other qubes, change theirs 'netvm' first")
+                raise QubesValueError("The qube is still used by other qubes, change theirs 'netvm' first")
         if prop.name == "template":
             if self.app.power_state(self.name) != "Halted":
-                raise VMNotHaltedError(
-                    self.name, "Cannot change template while qube is running")
+                raise VMNotHaltedError(self.name, "Cannot change template while qube is running")
             template = self.app.domain(value)
             if self.klass == "DispVM" and not template.get("template_for_dispvms"):
                 raise PropertyValueError(
-                    self.name, "template", value,
-                    "template for DispVM must have template_for_dispvms=True")
+                    self.name, "template", value, "template for DispVM must have template_for_dispvms=True"
+                )
 
     def netvm_chain(self):
         """Return the qubes upstream of this one (its netvm, that netvm's netvm...)."""
@@ -753,7 +941,7 @@ class Domain:
 def vmid_to_ipv4(prefix, vmid):
     """Address for a qid or dispid, as vmid_to_ipv4 in qubes/vm/mix/net.py."""
     if vmid < 255:
-        return str(ipaddress.IPv4Address(f"{prefix}.{(vmid >> 8) & 0xff}.{vmid & 0xff}"))
+        return str(ipaddress.IPv4Address(f"{prefix}.{(vmid >> 8) & 0xFF}.{vmid & 0xFF}"))
     vmid -= 1
     return str(ipaddress.IPv4Address(f"{prefix}.{vmid // 254}.{(vmid % 254) + 1}"))
 
@@ -773,9 +961,10 @@ class Qubes:
         app = cls({"version": STORE_VERSION})
         app.data["qubes"]["dom0"] = {
             "class": ADMIN_CLASS,
-            "props": {"name": "dom0", "qid": 0,
-                      "uuid": "00000000-0000-0000-0000-000000000000", "label": "black"},
-            "features": {}, "tags": [], "lab": {},
+            "props": {"name": "dom0", "qid": 0, "uuid": "00000000-0000-0000-0000-000000000000", "label": "black"},
+            "features": {},
+            "tags": [],
+            "lab": {},
         }
         return app
 
@@ -803,8 +992,7 @@ class Qubes:
         return result
 
     def based_on(self, template):
-        return [vm for vm in self.domains()
-                if "template" in vm.property_defs() and vm.template_or_none() == template]
+        return [vm for vm in self.domains() if "template" in vm.property_defs() and vm.template_or_none() == template]
 
     def new_qid(self):
         used = {vm.get("qid") for vm in self.domains()}
@@ -816,7 +1004,7 @@ class Qubes:
     def new_dispid(self):
         used = {vm.props.get("dispid") for vm in self.domains()}
         generator = random.SystemRandom()
-        for _ in range(int(MAX_DISPID ** 0.5)):
+        for _ in range(int(MAX_DISPID**0.5)):
             dispid = generator.randrange(MAX_DISPID)
             if dispid and dispid not in used:
                 return dispid
@@ -844,10 +1032,8 @@ class Qubes:
                 template = default.name if default is not None else None
             if template is None:
                 raise QubesError(f"{klass} needs a template and no default is set")
-        props = {"name": name, "qid": self.new_qid(), "uuid": str(uuid.uuid4()),
-                 "label": label}
-        self.data["qubes"][name] = {"class": klass, "props": props, "features": {},
-                                   "tags": [], "lab": {}}
+        props = {"name": name, "qid": self.new_qid(), "uuid": str(uuid.uuid4()), "label": label}
+        self.data["qubes"][name] = {"class": klass, "props": props, "features": {}, "tags": [], "lab": {}}
         vm = Domain(self, name)
         try:
             if template is not None:
@@ -855,13 +1041,15 @@ class Qubes:
                 wanted = properties_of(klass)["template"].vmclass
                 if template_vm.klass not in wanted:
                     raise PropertyValueError(
-                        name, "template", template,
-                        f"wrong VM class: domains[{template!r}] is of type "
-                        f"{template_vm.klass} and not {wanted[0]}")
+                        name,
+                        "template",
+                        template,
+                        f"wrong VM class: domains[{template!r}] is of type {template_vm.klass} and not {wanted[0]}",
+                    )
                 if klass == "DispVM" and not template_vm.get("template_for_dispvms"):
                     raise QubesValueError(
-                        f"template for DispVM ({template}) needs to be an AppVM with "
-                        "template_for_dispvms=True")
+                        f"template for DispVM ({template}) needs to be an AppVM with template_for_dispvms=True"
+                    )
                 props["template"] = template
             if klass == "DispVM":
                 props["dispid"] = self.new_dispid()
@@ -881,9 +1069,7 @@ class Qubes:
         if vm.get("installed_by_rpm"):
             raise VMInUseError("VM installed by package manager: " + name)
         if self.dependencies(vm):
-            raise VMInUseError(
-                f"Domain is in use: {name!r};see 'journalctl -u qubesd -e' in dom0 "
-                "for details")
+            raise VMInUseError(f"Domain is in use: {name!r};see 'journalctl -u qubesd -e' in dom0 for details")
         del self.data["qubes"][name]
         self.data["runtime"].pop(name, None)
 
@@ -913,15 +1099,15 @@ class Qubes:
             raise PropertyValueError(holder_name, prop.name, text)
         validate_name(text)
         if text not in self:
-            raise PropertyValueError(
-                holder_name, prop.name, text,
-                f"Can't set {prop.name} to non-existing qube {text}")
+            raise PropertyValueError(holder_name, prop.name, text, f"Can't set {prop.name} to non-existing qube {text}")
         vm = self.domain(text)
         if prop.vmclass and vm.klass not in prop.vmclass:
             raise PropertyValueError(
-                holder_name, prop.name, text,
-                f"wrong VM class: domains[{text!r}] is of type {vm.klass} "
-                f"and not {prop.vmclass[0]}")
+                holder_name,
+                prop.name,
+                text,
+                f"wrong VM class: domains[{text!r}] is of type {vm.klass} and not {prop.vmclass[0]}",
+            )
         return text
 
     # Global properties (qubes-prefs)
@@ -1001,7 +1187,8 @@ class Store:
         if data.get("version") != STORE_VERSION:
             raise QubesError(
                 f"{self.layout.store} has store version {data.get('version')!r},"
-                f" expected {STORE_VERSION}: start a new lab run")
+                f" expected {STORE_VERSION}: start a new lab run"
+            )
         return Qubes(data)
 
     def _save(self, app):

@@ -49,8 +49,7 @@ def run(argv: list[str], check: bool = True, timeout: float = 120, **kwargs) -> 
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(
-            f"{shlex.join(argv)} exited with {result.returncode}\n"
-            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            f"{shlex.join(argv)} exited with {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
     return result
 
@@ -105,15 +104,36 @@ class ImageChroot:
                 f"mkdir -p {merged}/tmp/qubesdb",
                 f"mount --bind {self.qubesdb} {merged}/tmp/qubesdb",
                 f"mount --bind {self.rw} {merged}/rw",
-                "exec chroot " + shlex.join(
-                    [merged, "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-                     "QUBESDB_DIR=/tmp/qubesdb", "LC_ALL=C", "/bin/bash", "-c", script]
+                "exec chroot "
+                + shlex.join(
+                    [
+                        merged,
+                        "/usr/bin/env",
+                        "-i",
+                        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                        "QUBESDB_DIR=/tmp/qubesdb",
+                        "LC_ALL=C",
+                        "/bin/bash",
+                        "-c",
+                        script,
+                    ]
                 ),
             ]
         )
         return run(
-            ["ip", "netns", "exec", self.namespace, "unshare", "--mount", "--propagation", "private",
-             "/bin/sh", "-c", mounts],
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.namespace,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "/bin/sh",
+                "-c",
+                mounts,
+            ],
             check=check,
             timeout=timeout,
         )
@@ -136,15 +156,29 @@ class BootedQube:
         self.rw.mkdir(exist_ok=True)
         write_qubesdb(self.qubesdb, qubesdb)
         argv = [
-            "systemd-nspawn", "-D", str(image), "--volatile=overlay", "--register=no", "--keep-unit",
-            f"--machine={namespace}", f"--network-namespace-path=/run/netns/{namespace}",
-            "--console=read-only", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
-            "--capability=CAP_NET_ADMIN", "-b",
-            f"--bind-ro={self.qubesdb}:/etc/qubes-lab/qubesdb", f"--bind={self.rw}:/rw",
+            "systemd-nspawn",
+            "-D",
+            str(image),
+            "--volatile=overlay",
+            "--register=no",
+            "--keep-unit",
+            f"--machine={namespace}",
+            f"--network-namespace-path=/run/netns/{namespace}",
+            "--console=read-only",
+            "--resolv-conf=off",
+            "--timezone=off",
+            "--link-journal=no",
+            "--capability=CAP_NET_ADMIN",
+            "-b",
+            f"--bind-ro={self.qubesdb}:/etc/qubes-lab/qubesdb",
+            f"--bind={self.rw}:/rw",
         ]
         with open(self.console, "wb") as console:
             self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"},
                 start_new_session=True,
             )
@@ -154,7 +188,9 @@ class BootedQube:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"systemd-nspawn exited with {self.process.returncode}:\n{self.console.read_text()}")
+                raise AssertionError(
+                    f"systemd-nspawn exited with {self.process.returncode}:\n{self.console.read_text()}"
+                )
             children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
             with contextlib.suppress(OSError):
                 for pid in children.read_text().split():
@@ -202,9 +238,23 @@ def booted(image: Path, tag: str, tmp_path: Path, qubesdb: dict[str, str]) -> It
 def running_proxy(namespace: str, mirror: Path, log_path: Path) -> Iterator[subprocess.Popen]:
     """Start updates_proxy.py on 127.0.0.1:8082 inside ``namespace``; stop it afterwards."""
     process = subprocess.Popen(
-        ["ip", "netns", "exec", namespace, "python3", updates_proxy.__file__,
-         "--mirror", str(mirror), "--listen", "127.0.0.1:8082", "--log", str(log_path)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "ip",
+            "netns",
+            "exec",
+            namespace,
+            "python3",
+            updates_proxy.__file__,
+            "--mirror",
+            str(mirror),
+            "--listen",
+            "127.0.0.1:8082",
+            "--log",
+            str(log_path),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 10
@@ -340,11 +390,18 @@ def test_agent_packages_build(tmp_path: Path) -> None:
 
     listing = run(["dpkg-deb", "-c", str(debs["qubes-core-agent"])]).stdout
     assert "./usr/bin/qubesdb-read -> qubesdb-cmd" in listing
-    assert "-rwxr-xr-x root/root" in next(line for line in listing.splitlines() if line.endswith("/usr/lib/qubes-lab/event"))
+    assert "-rwxr-xr-x root/root" in next(
+        line for line in listing.splitlines() if line.endswith("/usr/lib/qubes-lab/event")
+    )
     networking_listing = run(["dpkg-deb", "-c", str(debs["qubes-core-agent-networking"])]).stdout
-    for path in ("/usr/lib/qubes/qubes-setup-dnat-to-ns", "/usr/lib/qubes/setup-ip",
-                 "/usr/lib/qubes-lab/vif-route-qubes", "/usr/lib/qubes-lab/qubes-firewall",
-                 "/usr/lib/systemd/system/qubes-iptables.service", "/etc/qubes/qubes-ipv4.nft"):
+    for path in (
+        "/usr/lib/qubes/qubes-setup-dnat-to-ns",
+        "/usr/lib/qubes/setup-ip",
+        "/usr/lib/qubes-lab/vif-route-qubes",
+        "/usr/lib/qubes-lab/qubes-firewall",
+        "/usr/lib/systemd/system/qubes-iptables.service",
+        "/etc/qubes/qubes-ipv4.nft",
+    ):
         assert "." + path in networking_listing, path
 
 
@@ -424,15 +481,18 @@ def test_failed_build_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.
 @pytest.fixture
 def qubesdb_tree(tmp_path: Path) -> Path:
     tree = tmp_path / "qubesdb"
-    write_qubesdb(tree, {
-        "/qubes-ip": "10.137.0.7\n",
-        "/qubes-vm-type": "AppVM",
-        "/qubes-service/qubes-firewall": "1",
-        "/qubes-service/cups": "0",
-        "/qubes-firewall/10.137.0.7/policy": "drop",
-        "/qubes-firewall/10.137.0.7/0000": "action=accept",
-        "/odd": "tab\there\x01",
-    })
+    write_qubesdb(
+        tree,
+        {
+            "/qubes-ip": "10.137.0.7\n",
+            "/qubes-vm-type": "AppVM",
+            "/qubes-service/qubes-firewall": "1",
+            "/qubes-service/cups": "0",
+            "/qubes-firewall/10.137.0.7/policy": "drop",
+            "/qubes-firewall/10.137.0.7/0000": "action=accept",
+            "/odd": "tab\there\x01",
+        },
+    )
     return tree
 
 
@@ -598,8 +658,10 @@ def test_updates_proxy_listen_argument() -> None:
 
 def start_netvm_tables(chroot: ImageChroot) -> None:
     """Run what boot runs before the network: qubes-sysinit, antispoof, base tables."""
-    chroot.sh("/usr/lib/qubes/init/qubes-sysinit.sh && nft -f /etc/qubes/qubes-antispoof.nft "
-              "&& /usr/lib/qubes/init/qubes-iptables start")
+    chroot.sh(
+        "/usr/lib/qubes/init/qubes-sysinit.sh && nft -f /etc/qubes/qubes-antispoof.nft "
+        "&& /usr/lib/qubes/init/qubes-iptables start"
+    )
 
 
 def dnat_rules(chroot: ImageChroot) -> list[str]:
@@ -617,12 +679,19 @@ def test_iptables_loads_base_tables(xfce_chroot: ImageChroot) -> None:
 
     ipv4 = xfce_chroot.sh("nft list table ip qubes").stdout
     ipv6 = xfce_chroot.sh("nft list table ip6 qubes").stdout
-    for chain in ("chain input", "chain forward", "chain postrouting", "chain custom-input",
-                  "chain custom-forward", "chain prerouting", "chain antispoof"):
+    for chain in (
+        "chain input",
+        "chain forward",
+        "chain postrouting",
+        "chain custom-input",
+        "chain custom-forward",
+        "chain prerouting",
+        "chain antispoof",
+    ):
         assert chain in ipv4, chain
         assert chain in ipv6, chain
     assert "jump custom-input" in ipv4
-    assert 'iifgroup 2 counter packets 0 bytes 0 reject with icmp host-prohibited' in ipv4
+    assert "iifgroup 2 counter packets 0 bytes 0 reject with icmp host-prohibited" in ipv4
     assert "type filter hook input priority filter; policy drop;" in ipv6
 
 
@@ -685,10 +754,28 @@ def test_dnat_to_ns_without_ipv4_resolver_drops(xfce_chroot: ImageChroot) -> Non
 @pytest.mark.lab
 @needs_root
 def test_setup_ip_configures_uplink(xfce_chroot: ImageChroot) -> None:
-    write_qubesdb(xfce_chroot.qubesdb, {**CLIENT_QUBESDB, "/qubes-ip6": "fd09:24ef:4179::a89:7",
-                                        "/qubes-gateway6": "fd09:24ef:4179::a89:5"})
+    write_qubesdb(
+        xfce_chroot.qubesdb,
+        {**CLIENT_QUBESDB, "/qubes-ip6": "fd09:24ef:4179::a89:7", "/qubes-gateway6": "fd09:24ef:4179::a89:5"},
+    )
     with netns("peer") as peer:
-        run(["ip", "-n", xfce_chroot.namespace, "link", "add", "eth0", "type", "veth", "peer", "name", "vif7.0", "netns", peer])
+        run(
+            [
+                "ip",
+                "-n",
+                xfce_chroot.namespace,
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "vif7.0",
+                "netns",
+                peer,
+            ]
+        )
         xfce_chroot.sh("/usr/lib/qubes/init/qubes-sysinit.sh && /usr/lib/qubes/setup-ip add eth0")
 
         addresses = xfce_chroot.sh("ip -o addr show dev eth0").stdout
@@ -712,7 +799,23 @@ def test_setup_ip_configures_uplink(xfce_chroot: ImageChroot) -> None:
 def test_setup_ip_respects_protected_resolv_conf(xfce_chroot: ImageChroot) -> None:
     write_qubesdb(xfce_chroot.qubesdb, CLIENT_QUBESDB)
     with netns("peer") as peer:
-        run(["ip", "-n", xfce_chroot.namespace, "link", "add", "eth0", "type", "veth", "peer", "name", "vif7.0", "netns", peer])
+        run(
+            [
+                "ip",
+                "-n",
+                xfce_chroot.namespace,
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "vif7.0",
+                "netns",
+                peer,
+            ]
+        )
         xfce_chroot.sh(
             "mkdir -p /rw/config/protected-files.d && echo /etc/resolv.conf > /rw/config/protected-files.d/dns.conf"
             " && echo 'nameserver 127.0.0.1' > /etc/resolv.conf"
@@ -725,11 +828,33 @@ def test_setup_ip_respects_protected_resolv_conf(xfce_chroot: ImageChroot) -> No
 @pytest.mark.lab
 @needs_root
 def test_setup_ip_in_proxyvm_runs_dnat_and_hook(xfce_chroot: ImageChroot) -> None:
-    proxyvm = {**CLIENT_QUBESDB, **NETVM_QUBESDB, "/qubes-vm-type": "ProxyVM", "/qubes-ip": "10.137.0.6",
-               "/qubes-netvm-network": "10.137.0.6", "/qubes-netvm-gateway": "10.137.0.6"}
+    proxyvm = {
+        **CLIENT_QUBESDB,
+        **NETVM_QUBESDB,
+        "/qubes-vm-type": "ProxyVM",
+        "/qubes-ip": "10.137.0.6",
+        "/qubes-netvm-network": "10.137.0.6",
+        "/qubes-netvm-gateway": "10.137.0.6",
+    }
     write_qubesdb(xfce_chroot.qubesdb, proxyvm)
     with netns("peer") as peer:
-        run(["ip", "-n", xfce_chroot.namespace, "link", "add", "eth0", "type", "veth", "peer", "name", "vif6.0", "netns", peer])
+        run(
+            [
+                "ip",
+                "-n",
+                xfce_chroot.namespace,
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "vif6.0",
+                "netns",
+                peer,
+            ]
+        )
         start_netvm_tables(xfce_chroot)
         xfce_chroot.sh(
             "mkdir -p /rw/config"
@@ -757,14 +882,32 @@ def test_setup_ip_in_proxyvm_runs_dnat_and_hook(xfce_chroot: ImageChroot) -> Non
 def test_vif_online_and_offline(xfce_chroot: ImageChroot) -> None:
     write_qubesdb(xfce_chroot.qubesdb, {**NETVM_QUBESDB, "/qubes-netvm-gateway6": "fd09:24ef:4179::a89:5"})
     with netns("client") as client:
-        run(["ip", "-n", xfce_chroot.namespace, "link", "add", "vif7.0", "type", "veth", "peer", "name", "eth0", "netns", client])
+        run(
+            [
+                "ip",
+                "-n",
+                xfce_chroot.namespace,
+                "link",
+                "add",
+                "vif7.0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                client,
+            ]
+        )
         start_netvm_tables(xfce_chroot)
         xfce_chroot.sh(
             "mkdir -p /rw/config/network-hooks.d && printf '#!/bin/sh\\necho \"$@\" >> /rw/hook.log\\n'"
             " > /rw/config/network-hooks.d/10-record && chmod +x /rw/config/network-hooks.d/10-record"
         )
 
-        online = xfce_chroot.sh("/usr/lib/qubes-lab/event vif-online vif7.0 10.137.0.7 fd09:24ef:4179::a89:7", check=False)
+        online = xfce_chroot.sh(
+            "/usr/lib/qubes-lab/event vif-online vif7.0 10.137.0.7 fd09:24ef:4179::a89:7", check=False
+        )
         link = xfce_chroot.sh("ip -d link show dev vif7.0").stdout
         addresses = xfce_chroot.sh("ip -o addr show dev vif7.0").stdout
         routes = xfce_chroot.sh("ip route show dev vif7.0").stdout
@@ -772,7 +915,9 @@ def test_vif_online_and_offline(xfce_chroot: ImageChroot) -> None:
         proxy_arp = xfce_chroot.sh("cat /proc/sys/net/ipv4/conf/vif7.0/proxy_arp").stdout.strip()
         allowed = xfce_chroot.sh("nft list set ip qubes allowed; nft list set ip6 qubes allowed").stdout
 
-        offline = xfce_chroot.sh("/usr/lib/qubes-lab/event vif-offline vif7.0 10.137.0.7 fd09:24ef:4179::a89:7", check=False)
+        offline = xfce_chroot.sh(
+            "/usr/lib/qubes-lab/event vif-offline vif7.0 10.137.0.7 fd09:24ef:4179::a89:7", check=False
+        )
         routes_after = xfce_chroot.sh("ip route show dev vif7.0").stdout
         allowed_after = xfce_chroot.sh("nft list set ip qubes allowed").stdout
 
@@ -811,13 +956,16 @@ def test_vif_online_rejects_bad_name(xfce_chroot: ImageChroot) -> None:
 @pytest.mark.lab
 @needs_root
 def test_qubes_firewall_hooks_and_rules(xfce_chroot: ImageChroot) -> None:
-    write_qubesdb(xfce_chroot.qubesdb, {
-        **NETVM_QUBESDB,
-        "/connected-ips": "10.137.0.7 10.137.0.8",
-        "/qubes-firewall/10.137.0.7/0001": "action=accept proto=tcp dstports=443-443 dst4=192.0.2.0/24",
-        "/qubes-firewall/10.137.0.8/policy": "accept",
-        "/qubes-firewall/10.137.0.8/0000": "action=maybe",
-    })
+    write_qubesdb(
+        xfce_chroot.qubesdb,
+        {
+            **NETVM_QUBESDB,
+            "/connected-ips": "10.137.0.7 10.137.0.8",
+            "/qubes-firewall/10.137.0.7/0001": "action=accept proto=tcp dstports=443-443 dst4=192.0.2.0/24",
+            "/qubes-firewall/10.137.0.8/policy": "accept",
+            "/qubes-firewall/10.137.0.8/0000": "action=maybe",
+        },
+    )
     start_netvm_tables(xfce_chroot)
     xfce_chroot.sh(
         "mkdir -p /rw/config/qubes-firewall.d"
@@ -838,7 +986,7 @@ def test_qubes_firewall_hooks_and_rules(xfce_chroot: ImageChroot) -> None:
     assert "ip saddr 10.137.0.7 jump qbs-10-137-0-7" in table
     # nft prints "ip protocol tcp" folded into "tcp dport".
     assert "ip daddr 192.0.2.0/24 tcp dport 443 accept" in table
-    assert "iifname != \"vif*\" ip saddr { 10.137.0.7, 10.137.0.8 } drop" in table
+    assert 'iifname != "vif*" ip saddr { 10.137.0.7, 10.137.0.8 } drop' in table
     # An unparsable rule blocks the whole client, as Qubes does.
     assert "reject with icmp admin-prohibited" in bad_client
     assert "accept" not in bad_client
@@ -869,9 +1017,17 @@ def test_events_without_networking_agent(lab_images: dict[str, Path], tmp_path: 
 
 
 EXPECTED_ACTIVE_UNITS = {
-    "debian-12-xfce": ["qubes-sysinit", "qubes-early-vm-config", "qubes-mount-dirs", "qubes-misc-post",
-                       "qubes-antispoof", "qubes-iptables", "qubes-network-uplink", "qubes-network",
-                       "qubes-firewall"],
+    "debian-12-xfce": [
+        "qubes-sysinit",
+        "qubes-early-vm-config",
+        "qubes-mount-dirs",
+        "qubes-misc-post",
+        "qubes-antispoof",
+        "qubes-iptables",
+        "qubes-network-uplink",
+        "qubes-network",
+        "qubes-firewall",
+    ],
     "debian-12-hard-min": ["qubes-sysinit", "qubes-early-vm-config", "qubes-mount-dirs", "qubes-misc-post"],
     "debian-13-minimal": ["qubes-sysinit", "qubes-early-vm-config", "qubes-mount-dirs", "qubes-misc-post"],
 }
@@ -885,7 +1041,9 @@ def test_image_boots_with_agent_units(lab_images: dict[str, Path], tmp_path: Pat
     with booted(lab_images[image_name], "boot", tmp_path, qubesdb) as qube:
         state = qube.wait_until_running()
         failed = qube.sh("systemctl --failed --no-legend --plain").stdout
-        active = qube.sh("systemctl is-active " + " ".join(EXPECTED_ACTIVE_UNITS[image_name]), check=False).stdout.split()
+        active = qube.sh(
+            "systemctl is-active " + " ".join(EXPECTED_ACTIVE_UNITS[image_name]), check=False
+        ).stdout.split()
         services = qube.sh("ls /run/qubes-service").stdout.split()
         hostname = qube.sh("hostname").stdout.strip()
         machine_id = qube.sh("cat /etc/machine-id").stdout.strip()
@@ -963,24 +1121,47 @@ def test_appvm_boot_runs_rc_local_and_bind_dirs(lab_images: dict[str, Path], tmp
 def test_booted_chain_forwards_dns_to_uplink(lab_images: dict[str, Path], tmp_path: Path) -> None:
     """A client's DNS to 10.139.1.1 goes through a netvm's dnat-dns to the uplink."""
     image = lab_images["debian-12-xfce"]
-    with netns("uplink") as uplink, booted(image, "net", tmp_path, NETVM_QUBESDB) as net, \
-            booted(image, "client", tmp_path, CLIENT_QUBESDB) as client:
+    with (
+        netns("uplink") as uplink,
+        booted(image, "net", tmp_path, NETVM_QUBESDB) as net,
+        booted(image, "client", tmp_path, CLIENT_QUBESDB) as client,
+    ):
         assert net.wait_until_running() == "running"
         assert client.wait_until_running() == "running"
         # Uplink side, as the lab runtime builds it: sys-net's eth0 and resolv.conf.
         run(["ip", "-n", net.namespace, "link", "add", "eth0", "type", "veth", "peer", "name", "nic0", "netns", uplink])
         run(["ip", "-n", uplink, "addr", "add", "192.0.2.1/24", "dev", "nic0"])
         run(["ip", "-n", uplink, "link", "set", "nic0", "up"])
-        net.sh("ip addr add 192.0.2.10/24 dev eth0 && ip link set eth0 up && ip route add default via 192.0.2.1"
-               " && echo 'nameserver 192.0.2.1' > /etc/resolv.conf")
+        net.sh(
+            "ip addr add 192.0.2.10/24 dev eth0 && ip link set eth0 up && ip route add default via 192.0.2.1"
+            " && echo 'nameserver 192.0.2.1' > /etc/resolv.conf"
+        )
         net.sh("/usr/lib/qubes-lab/event uplink-changed")
         responder = subprocess.Popen(
             ["ip", "netns", "exec", uplink, "python3", "-c", UDP_RESPONDER],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             # Client link: eth0 in the client, vif7.0 in the netvm.
-            run(["ip", "-n", client.namespace, "link", "add", "eth0", "type", "veth", "peer", "name", "vif7.0", "netns", net.namespace])
+            run(
+                [
+                    "ip",
+                    "-n",
+                    client.namespace,
+                    "link",
+                    "add",
+                    "eth0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "vif7.0",
+                    "netns",
+                    net.namespace,
+                ]
+            )
             net.sh("/usr/lib/qubes-lab/event vif-online vif7.0 10.137.0.7")
             client.sh("/usr/lib/qubes-lab/event uplink-changed")
             # bash's /dev/udp gives a connected UDP socket; dd reads the whole datagram
@@ -1022,12 +1203,15 @@ sock.sendto(f"answer-from-192.0.2.1:53-to-{peer[0]}\\n".encode(), peer)
 @pytest.mark.lab
 @needs_root
 @pytest.mark.parametrize("image_name", ["debian-12-hard-min", "debian-13-minimal"])
-def test_mirror_installs_packages_through_proxy(lab_images: dict[str, Path], lab_mirror: Path,
-                                                tmp_path: Path, image_name: str) -> None:
+def test_mirror_installs_packages_through_proxy(
+    lab_images: dict[str, Path], lab_mirror: Path, tmp_path: Path, image_name: str
+) -> None:
     qubesdb = {"/name": "template", "/qubes-vm-type": "TemplateVM", "/qubes-vm-persistence": "full"}
     proxy_log = tmp_path / "proxy.log"
-    with booted(lab_images[image_name], "tpl", tmp_path, qubesdb) as template, \
-            running_proxy(template.namespace, lab_mirror, proxy_log):
+    with (
+        booted(lab_images[image_name], "tpl", tmp_path, qubesdb) as template,
+        running_proxy(template.namespace, lab_mirror, proxy_log),
+    ):
         assert template.wait_until_running() == "running"
         if image_name == "debian-12-hard-min":
             # What the formula does on bookworm: add trixie, pinned to dnscrypt-proxy.
@@ -1040,10 +1224,13 @@ def test_mirror_installs_packages_through_proxy(lab_images: dict[str, Path], lab
         install = template.sh(
             "export DEBIAN_FRONTEND=noninteractive && apt-get update"
             " && apt-get install -y " + " ".join(images.MIRROR_PACKAGES),
-            check=False, timeout=300,
+            check=False,
+            timeout=300,
         )
         versions = template.sh("dpkg-query -W -f '${Package} ${Status}\\n' " + " ".join(images.MIRROR_PACKAGES)).stdout
-        check = template.sh("dnscrypt-proxy -version && nft --version && test -s /etc/ssl/certs/ca-certificates.crt", check=False)
+        check = template.sh(
+            "dnscrypt-proxy -version && nft --version && test -s /etc/ssl/certs/ca-certificates.crt", check=False
+        )
 
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr
     assert "W: " not in install.stderr, install.stderr

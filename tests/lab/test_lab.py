@@ -39,8 +39,7 @@ def test_plaintext_dns_leaks_before_formula(lab):
     assert result.returncode == 0, result.stderr
     assert ANSWER_AAAA in result.stdout or ANSWER_A in result.stdout
     assert marker["answers"] == [LEAK_MARKER]
-    assert (firewall_ip, "10.139.1.1") in {
-        (packet.source, packet.destination) for packet in firewall_seen.dns_queries}
+    assert (firewall_ip, "10.139.1.1") in {(packet.source, packet.destination) for packet in firewall_seen.dns_queries}
     assert (PLAIN_ADDRESS, 53, "udp") in uplink_seen.destinations()
     assert any(packet.query_name == "www.lab.test." for packet in uplink_seen.dns_queries)
 
@@ -53,8 +52,7 @@ def test_dnat_dns_rule_lost_on_uplink_change(lab, qube):
     rebuilds the chain in one nft transaction, called from setup-ip (uplink change
     of a ProxyVM) and from network/qubes-nmhook (NetworkManager event in sys-net).
     """
-    add = lab.exec(qube, "nft add rule ip qubes dnat-dns udp dport 53 counter "
-                         "comment lab-fidelity-marker")
+    add = lab.exec(qube, "nft add rule ip qubes dnat-dns udp dport 53 counter comment lab-fidelity-marker")
     assert add.returncode == 0, add.stderr
     assert "lab-fidelity-marker" in lab.exec(qube, "nft list chain ip qubes dnat-dns").stdout
 
@@ -85,8 +83,7 @@ def test_downstream_dns_to_netvm_address_needs_custom_input(lab):
         assert rejected["status"] == "error", rejected
         assert any(packet.icmp_code == 10 for packet in seen.icmp_errors(firewall_ip))
 
-        accept = lab.exec("sys-firewall", "nft add rule ip qubes custom-input "
-                                          "udp dport 53 accept comment lab-fidelity")
+        accept = lab.exec("sys-firewall", "nft add rule ip qubes custom-input udp dport 53 accept comment lab-fidelity")
         assert accept.returncode == 0, accept.stderr
         answered = lab.dns_query("personal", "www.lab.test", server=firewall_ip)
         assert answered["status"] == "answer", answered
@@ -107,9 +104,11 @@ def start_udp_responder(lab, qube, address):
         "  q,a=s.recvfrom(512)\n"
         "  r=q[:2]+b'\\x81\\x80'+q[4:6]+b'\\x00\\x01\\x00\\x00\\x00\\x00'+q[12:]\n"
         "  r+=b'\\xc0\\x0c\\x00\\x01\\x00\\x01\\x00\\x00\\x00\\x3c\\x00\\x04'+bytes([192,0,2,99])\n"
-        "  s.sendto(r,a)\n")
-    process = subprocess.Popen(["ip", "netns", "exec", lab.netns(qube), sys.executable,
-                                "-c", code], stdout=subprocess.PIPE, text=True)
+        "  s.sendto(r,a)\n"
+    )
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", lab.netns(qube), sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "ready"
     return process
 
@@ -120,8 +119,7 @@ def test_appvm_root_is_reset_and_rw_persists(lab):
     Reproduces QubesOS/qubes-core-admin v4.2.39 qubes/vm/appvm.py volume config:
     root snap_on_start (fresh snapshot of the template), private save_on_stop.
     """
-    lab.exec("untrusted", "echo changed > /etc/lab-root-marker && "
-                          "echo kept > /rw/lab-rw-marker", check=True)
+    lab.exec("untrusted", "echo changed > /etc/lab-root-marker && echo kept > /rw/lab-rw-marker", check=True)
     assert lab.qvm("qvm-shutdown", "--wait", "untrusted").returncode == 0
     assert lab.qvm("qvm-start", "untrusted").returncode == 0
 
@@ -140,16 +138,14 @@ def test_dispvm_loses_root_and_rw(lab):
     lab.qvm("qvm-start", "--skip-if-running", "default-dvm", check=True)
     lab.exec("default-dvm", "echo from-dvm > /rw/lab-dvm-marker", check=True)
     lab.qvm("qvm-shutdown", "--wait", "default-dvm", check=True)
-    created = lab.qvm("qvm-create", "-C", "DispVM", "-t", "default-dvm", "-l", "red",
-                      "--prop", "netvm=", "lab-disp")
+    created = lab.qvm("qvm-create", "-C", "DispVM", "-t", "default-dvm", "-l", "red", "--prop", "netvm=", "lab-disp")
     assert created.returncode == 0, created.stderr
     try:
         lab.qvm("qvm-start", "lab-disp", check=True)
         assert lab.exec("lab-disp", "cat /rw/lab-dvm-marker").stdout.strip() == "from-dvm"
         persistence = lab.exec("lab-disp", "cat /etc/qubes-lab/qubesdb/qubes-vm-persistence")
         assert persistence.stdout.strip() == "none"
-        lab.exec("lab-disp", "echo x > /rw/lab-own && echo y > /etc/lab-root",
-                 check=True)
+        lab.exec("lab-disp", "echo x > /rw/lab-own && echo y > /etc/lab-root", check=True)
         lab.qvm("qvm-shutdown", "--wait", "lab-disp", check=True)
         lab.qvm("qvm-start", "lab-disp", check=True)
 
@@ -167,8 +163,7 @@ def test_template_changes_reach_appvms_after_its_shutdown(lab):
     Reproduces qubes-core-admin v4.2.39 qubes/vm/templatevm.py (root save_on_stop)
     and qubes/vm/appvm.py (root snap_on_start from the template's saved volume).
     """
-    created = lab.qvm("qvm-create", "-t", "debian-13-minimal", "-l", "gray",
-                      "--prop", "netvm=", "lab-t13")
+    created = lab.qvm("qvm-create", "-t", "debian-13-minimal", "-l", "gray", "--prop", "netvm=", "lab-t13")
     assert created.returncode == 0, created.stderr
     try:
         lab.qvm("qvm-start", "debian-13-minimal", "lab-t13", check=True)
@@ -211,8 +206,7 @@ QVM_CASES = [
     (["qvm-prefs", "personal", "label"], 0, "yellow\n", None),
     (["qvm-prefs", "personal", "nosuch"], 2, "", "no such property: 'nosuch'"),
     (["qvm-prefs", "nosuch", "netvm"], 2, "", "no such domain: 'nosuch'"),
-    (["qvm-prefs", "personal", "netvm", "nosuch"], 1, "",
-     "Can't set netvm to non-existing qube nosuch"),
+    (["qvm-prefs", "personal", "netvm", "nosuch"], 1, "", "Can't set netvm to non-existing qube nosuch"),
     (["qvm-prefs", "personal", "netvm", "work"], 1, "", "does not provide network"),
     (["qvm-features", "sys-net", "service.clocksync"], 0, "1\n", None),
     (["qvm-features", "personal", "nosuch"], 1, "", None),
@@ -224,8 +218,7 @@ QVM_CASES = [
     (["qvm-check", "nosuch"], 1, "", "nosuch: non-existent!"),
     (["qvm-start", "personal"], 1, "", "domain personal is already running"),
     (["qvm-start", "--skip-if-running", "personal"], 0, "", None),
-    (["qvm-shutdown", "--wait", "--timeout", "5", "sys-firewall"], 1, "",
-     "Failed to shut down: sys-firewall"),
+    (["qvm-shutdown", "--wait", "--timeout", "5", "sys-firewall"], 1, "", "Failed to shut down: sys-firewall"),
     (["qvm-run", "-p", "personal", "exit 7"], 7, "", None),
     (["qvm-run", "-p", "--no-autostart", "default-dvm", "true"], 1, "", None),
     (["qvm-create", "x-lab"], 2, "", "--label option is mandatory"),
@@ -235,8 +228,7 @@ QVM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv,code,stdout,stderr", QVM_CASES,
-                         ids=[" ".join(case[0]) for case in QVM_CASES])
+@pytest.mark.parametrize("argv,code,stdout,stderr", QVM_CASES, ids=[" ".join(case[0]) for case in QVM_CASES])
 def test_dom0_tool_output_and_exit_code(lab, argv, code, stdout, stderr):
     """qvm-* tools print and exit as the Qubes 4.2 tools do.
 
@@ -259,15 +251,20 @@ def test_qvm_ls_raw_data_fields(lab):
     Reproduces qubes-core-admin-client v4.2.18 qubesadmin/tools/qvm_ls.py (any
     property is a column; an unknown or hyphenated name shows '-').
     """
-    result = lab.qvm("qvm-ls", "--raw-data", "--fields",
-                     "name,class,state,template,netvm,provides_network,ip,"
-                     "visible_gateway,provides-network", "dom0", "sys-net", "personal")
+    result = lab.qvm(
+        "qvm-ls",
+        "--raw-data",
+        "--fields",
+        "name,class,state,template,netvm,provides_network,ip,visible_gateway,provides-network",
+        "dom0",
+        "sys-net",
+        "personal",
+    )
     rows = [line.split("|") for line in result.stdout.splitlines()]
 
     assert result.returncode == 0, result.stderr
     assert rows[0] == ["dom0", "AdminVM", "Running", "-", "-", "-", "-", "-", "-"]
-    assert rows[1][:6] == ["personal", "AppVM", "Running", "debian-12-xfce",
-                           "sys-firewall", "False"]
+    assert rows[1][:6] == ["personal", "AppVM", "Running", "debian-12-xfce", "sys-firewall", "False"]
     assert rows[1][7] == qube_ip(lab, "sys-firewall")
     assert rows[2][:6] == ["sys-net", "AppVM", "Running", "debian-12-xfce", "-", "True"]
     assert rows[2][8] == "-"
@@ -286,8 +283,7 @@ def test_service_feature_value_zero_enables_service(lab):
 
         assert entries["/qubes-service/lab-zero"] == "1"
         assert entries["/qubes-service/lab-empty"] == "0"
-        assert lab.exec("personal", "cat /etc/qubes-lab/qubesdb/qubes-service/lab-zero"
-                        ).stdout.strip() == "1"
+        assert lab.exec("personal", "cat /etc/qubes-lab/qubesdb/qubes-service/lab-zero").stdout.strip() == "1"
     finally:
         lab.qvm("qvm-features", "--unset", "personal", "service.lab-zero")
         lab.qvm("qvm-features", "--unset", "personal", "service.lab-empty")
@@ -305,18 +301,29 @@ def test_netvm_change_rewires_running_qube(lab):
     try:
         lab.qvm("qvm-prefs", "work", "netvm", "sys-net", check=True)
         route = lab.exec("work", "ip route show default").stdout
-        sys_net_links = subprocess.run(["ip", "-n", lab.netns("sys-net"), "-o", "link"],
-                                       capture_output=True, text=True).stdout
-        firewall_links = subprocess.run(["ip", "-n", lab.netns("sys-firewall"), "-o", "link"],
-                                        capture_output=True, text=True).stdout
+        sys_net_links = subprocess.run(
+            ["ip", "-n", lab.netns("sys-net"), "-o", "link"], capture_output=True, text=True
+        ).stdout
+        firewall_links = subprocess.run(
+            ["ip", "-n", lab.netns("sys-firewall"), "-o", "link"], capture_output=True, text=True
+        ).stdout
 
         assert f"via {net_ip}" in route
         assert vif in sys_net_links
         assert vif not in firewall_links
         assert lab.dns_query("work", "www.lab.test")["answers"] == [ANSWER_A]
 
-        lab.qvm("qvm-create", "-l", "gray", "--prop", "provides_network=True",
-                "--prop", "netvm=", "lab-halted-net", check=True)
+        lab.qvm(
+            "qvm-create",
+            "-l",
+            "gray",
+            "--prop",
+            "provides_network=True",
+            "--prop",
+            "netvm=",
+            "lab-halted-net",
+            check=True,
+        )
         refused = lab.qvm("qvm-prefs", "work", "netvm", "lab-halted-net")
         assert refused.returncode == 1
         assert "Cannot dynamically attach to stopped qube lab-halted-net" in refused.stderr
@@ -324,8 +331,7 @@ def test_netvm_change_rewires_running_qube(lab):
     finally:
         lab.qvm("qvm-prefs", "--default", "work", "netvm", check=True)
         lab.qvm("qvm-remove", "-f", "lab-halted-net")
-    assert f"via {qube_ip(lab, 'sys-firewall')}" in lab.exec(
-        "work", "ip route show default").stdout
+    assert f"via {qube_ip(lab, 'sys-firewall')}" in lab.exec("work", "ip route show default").stdout
 
 
 def test_disposable_sys_firewall_keeps_dispid_address(fresh_lab):
@@ -372,8 +378,7 @@ def test_up_down_cycles_leave_nothing_behind():
     prefixes = [f"cy{index:02d}x" for index in range(10)]
     for index, prefix in enumerate(prefixes):
         command = [sys.executable, "-m", "tests.lab", "up", "--prefix", prefix]
-        process = subprocess.Popen(command, cwd=REPO_DIR, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(command, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         records = []
         if index == 4:
             records = interrupt_during_boot(process, RunLayout.from_prefix(prefix))
@@ -381,8 +386,12 @@ def test_up_down_cycles_leave_nothing_behind():
         if index != 4:
             assert process.returncode == 0, output
             records = procs.ProcessRegistry(RunLayout.from_prefix(prefix).pids).records()
-            down = subprocess.run([sys.executable, "-m", "tests.lab", "down", "--prefix",
-                                   prefix], cwd=REPO_DIR, capture_output=True, text=True)
+            down = subprocess.run(
+                [sys.executable, "-m", "tests.lab", "down", "--prefix", prefix],
+                cwd=REPO_DIR,
+                capture_output=True,
+                text=True,
+            )
             assert down.returncode == 0, down.stderr
         else:
             assert process.returncode == 130, output

@@ -200,10 +200,17 @@ def parse_listen(value: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mirror", type=Path, required=True, help="mirror folder holding debian/dists and debian/pool")
-    parser.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8082), help="address and port to listen on (default 127.0.0.1:8082)")
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        default=("127.0.0.1", 8082),
+        help="address and port to listen on (default 127.0.0.1:8082)",
+    )
     parser.add_argument("--log", type=Path, required=True, help="file that gets one JSON line per request")
     arguments = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s updates_proxy %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s updates_proxy %(levelname)s %(message)s", stream=sys.stderr
+    )
 
     if not (arguments.mirror / "debian" / "dists").is_dir():
         parser.error(f"--mirror {arguments.mirror} has no debian/dists folder; pass the folder ensure_mirror() returns")
@@ -217,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
-    log.info("serving %s on %s:%d (pid %d), logging requests to %s", server.mirror, host, port, os.getpid(), arguments.log)
+    log.info(
+        "serving %s on %s:%d (pid %d), logging requests to %s", server.mirror, host, port, os.getpid(), arguments.log
+    )
     try:
         server.serve_forever()
     finally:

@@ -92,13 +92,11 @@ class Uplink:
         run(["ip", "netns", "add", self.namespace])
         commands = [
             ["link", "set", "lo", "up"],
-            ["link", "add", UPLINK_BRIDGE, "type", "bridge", "stp_state", "0",
-             "forward_delay", "0"],
+            ["link", "add", UPLINK_BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0"],
             ["link", "set", UPLINK_BRIDGE, "up"],
         ]
         commands += [["addr", "add", address, "dev", UPLINK_BRIDGE] for address in ADDRESSES]
-        commands += [["-6", "addr", "add", address, "dev", UPLINK_BRIDGE, "nodad"]
-                     for address in ADDRESSES6]
+        commands += [["-6", "addr", "add", address, "dev", UPLINK_BRIDGE, "nodad"] for address in ADDRESSES6]
         for command in commands:
             run(["ip", "-n", self.namespace] + command)
         # The bridge has no carrier until sys-net's link joins it; the resolvers
@@ -112,26 +110,86 @@ class Uplink:
         server_key, server_csr = self.path("server.key"), self.path("server.csr")
         server_pem, chain = self.path("server.pem"), self.path("server-chain.pem")
         extensions = self.path("server.ext")
-        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(ca_key),
-             "-out", str(ca_pem), "-days", "30", "-subj", "/CN=sysdns lab CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-        run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", str(server_key), "-out", str(server_csr),
-             "-subj", f"/CN={DOH_HOSTNAME}"])
+        run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                str(ca_key),
+                "-out",
+                str(ca_pem),
+                "-days",
+                "30",
+                "-subj",
+                "/CN=sysdns lab CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]
+        )
+        run(
+            [
+                "openssl",
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                str(server_key),
+                "-out",
+                str(server_csr),
+                "-subj",
+                f"/CN={DOH_HOSTNAME}",
+            ]
+        )
         names = [f"DNS:{DOH_HOSTNAME}", "DNS:dot.lab.test", "DNS:resolver.lab.test"]
-        names += [f"IP:{address}" for address in
-                  (PLAIN_ADDRESS, DNSCRYPT_ADDRESS, DOH_ADDRESS,
-                   PLAIN_ADDRESS6, DNSCRYPT_ADDRESS6, DOH_ADDRESS6)]
+        names += [
+            f"IP:{address}"
+            for address in (
+                PLAIN_ADDRESS,
+                DNSCRYPT_ADDRESS,
+                DOH_ADDRESS,
+                PLAIN_ADDRESS6,
+                DNSCRYPT_ADDRESS6,
+                DOH_ADDRESS6,
+            )
+        ]
         extensions.write_text(
             "basicConstraints=critical,CA:FALSE\n"
             "keyUsage=critical,digitalSignature\n"
             "extendedKeyUsage=serverAuth\n"
-            f"subjectAltName={','.join(names)}\n", encoding="ascii")
-        run(["openssl", "x509", "-req", "-in", str(server_csr), "-CA", str(ca_pem),
-             "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(server_pem),
-             "-days", "30", "-extfile", str(extensions)])
+            f"subjectAltName={','.join(names)}\n",
+            encoding="ascii",
+        )
+        run(
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                str(server_csr),
+                "-CA",
+                str(ca_pem),
+                "-CAkey",
+                str(ca_key),
+                "-CAcreateserial",
+                "-out",
+                str(server_pem),
+                "-days",
+                "30",
+                "-extfile",
+                str(extensions),
+            ]
+        )
         chain.write_text(server_pem.read_text() + ca_pem.read_text())
 
     def create_dnscrypt_keys(self):
@@ -139,12 +197,15 @@ class Uplink:
         script = self.path("dnscrypt-keys.lua")
         public, private = self.path("provider.public"), self.path("provider.private")
         certificate, key = self.path("resolver.cert"), self.path("resolver.key")
-        script.write_text(textwrap.dedent(f"""\
+        script.write_text(
+            textwrap.dedent(f"""\
             generateDNSCryptProviderKeys("{public}", "{private}")
             generateDNSCryptCertificate("{private}", "{certificate}", "{key}",
                 1, os.time() - 3600, os.time() + 30 * 86400)
             setSecurityPollSuffix("")
-            """), encoding="ascii")
+            """),
+            encoding="ascii",
+        )
         run(["dnsdist", "-C", str(script), "--check-config"])
         if len(public.read_bytes()) != 32:
             raise UplinkError(f"{public} does not hold a 32-byte DNSCrypt provider key")
@@ -153,38 +214,54 @@ class Uplink:
         interfaces = [BACKEND]
         views = {}
         for address in (PLAIN_ADDRESS, PLAIN_ADDRESS6):
-            interfaces += [f"{address}@53", f"{address}@{DOT_PORT}",
-                           f"{address}@{UNBOUND_DOH_PORT}"]
+            interfaces += [f"{address}@53", f"{address}@{DOT_PORT}", f"{address}@{UNBOUND_DOH_PORT}"]
             views[f"{address}@53"] = "plain"
             views[f"{address}@{DOT_PORT}"] = "dot"
             views[f"{address}@{UNBOUND_DOH_PORT}"] = "doh-unbound"
-        lines = ["server:",
-                 f'  directory: "{self.directory}"',
-                 '  username: ""', '  chroot: ""', "  use-syslog: no",
-                 f'  logfile: "{self.path("unbound.log")}"',
-                 f'  pidfile: "{self.path("unbound.pid")}"',
-                 "  verbosity: 1", "  log-queries: yes", "  log-replies: yes",
-                 "  do-ip4: yes", "  do-ip6: yes", "  do-udp: yes", "  do-tcp: yes",
-                 "  interface-automatic: no", "  ip-freebind: yes",
-                 '  module-config: "iterator"',
-                 f"  tls-port: {DOT_PORT}", f"  https-port: {UNBOUND_DOH_PORT}",
-                 f'  http-endpoint: "{DOH_PATH}"',
-                 f'  tls-service-key: "{self.path("server.key")}"',
-                 f'  tls-service-pem: "{self.path("server-chain.pem")}"',
-                 '  local-zone: "." static']
+        lines = [
+            "server:",
+            f'  directory: "{self.directory}"',
+            '  username: ""',
+            '  chroot: ""',
+            "  use-syslog: no",
+            f'  logfile: "{self.path("unbound.log")}"',
+            f'  pidfile: "{self.path("unbound.pid")}"',
+            "  verbosity: 1",
+            "  log-queries: yes",
+            "  log-replies: yes",
+            "  do-ip4: yes",
+            "  do-ip6: yes",
+            "  do-udp: yes",
+            "  do-tcp: yes",
+            "  interface-automatic: no",
+            "  ip-freebind: yes",
+            '  module-config: "iterator"',
+            f"  tls-port: {DOT_PORT}",
+            f"  https-port: {UNBOUND_DOH_PORT}",
+            f'  http-endpoint: "{DOH_PATH}"',
+            f'  tls-service-key: "{self.path("server.key")}"',
+            f'  tls-service-pem: "{self.path("server-chain.pem")}"',
+            '  local-zone: "." static',
+        ]
         lines += [f"  interface: {interface}" for interface in interfaces]
         # interface-action, not access-control: any access-control line would
         # override the interface-view lines (unbound.conf(5), interface-view).
         lines += [f"  interface-action: {interface} allow" for interface in interfaces]
         lines += [f"  interface-view: {interface} {view}" for interface, view in views.items()]
-        lines += [f"  access-control-view: {BACKEND_SOURCE_DNSCRYPT}/32 dnscrypt",
-                  f"  access-control-view: {BACKEND_SOURCE_DOH}/32 doh"]
+        lines += [
+            f"  access-control-view: {BACKEND_SOURCE_DNSCRYPT}/32 dnscrypt",
+            f"  access-control-view: {BACKEND_SOURCE_DOH}/32 doh",
+        ]
         for view, marker in MARKERS.items():
-            lines += ["view:", f'  name: "{view}"', '  local-zone: "." static',
-                      f'  local-zone: "{LAB_ZONE}." redirect',
-                      f'  local-data: "{LAB_ZONE}. 60 IN A {ANSWER_A}"',
-                      f'  local-data: "{LAB_ZONE}. 60 IN AAAA {ANSWER_AAAA}"',
-                      f"  local-data: '{LAB_ZONE}. 60 IN TXT \"{marker}\"'"]
+            lines += [
+                "view:",
+                f'  name: "{view}"',
+                '  local-zone: "." static',
+                f'  local-zone: "{LAB_ZONE}." redirect',
+                f'  local-data: "{LAB_ZONE}. 60 IN A {ANSWER_A}"',
+                f'  local-data: "{LAB_ZONE}. 60 IN AAAA {ANSWER_AAAA}"',
+                f"  local-data: '{LAB_ZONE}. 60 IN TXT \"{marker}\"'",
+            ]
         self.path("unbound.conf").write_text("\n".join(lines) + "\n", encoding="ascii")
         run(["unbound-checkconf", str(self.path("unbound.conf"))])
 
@@ -195,8 +272,8 @@ class Uplink:
             setSecurityPollSuffix("")
             setLocal("127.0.0.1:5353")
             setACL({{"0.0.0.0/0", "::/0"}})
-            newServer({{address="{BACKEND.replace('@', ':')}", source="{BACKEND_SOURCE_DNSCRYPT}", pool="dnscrypt", checkName="{LAB_ZONE}.", checkInterval=30}})
-            newServer({{address="{BACKEND.replace('@', ':')}", source="{BACKEND_SOURCE_DOH}", pool="doh", checkName="{LAB_ZONE}.", checkInterval=30}})
+            newServer({{address="{BACKEND.replace("@", ":")}", source="{BACKEND_SOURCE_DNSCRYPT}", pool="dnscrypt", checkName="{LAB_ZONE}.", checkInterval=30}})
+            newServer({{address="{BACKEND.replace("@", ":")}", source="{BACKEND_SOURCE_DOH}", pool="doh", checkName="{LAB_ZONE}.", checkInterval=30}})
             addDNSCryptBind("{DNSCRYPT_ADDRESS}:443", "{DNSCRYPT_PROVIDER}", "{certificate}", "{key}")
             addDNSCryptBind("[{DNSCRYPT_ADDRESS6}]:443", "{DNSCRYPT_PROVIDER}", "{certificate}", "{key}")
             addDOHLocal("{DOH_ADDRESS}:443", "{chain}", "{server_key}", "{DOH_PATH}")
@@ -210,41 +287,65 @@ class Uplink:
 
     def start_resolvers(self):
         for role, argv in (
-                ("unbound", ["unbound", "-d", "-c", str(self.path("unbound.conf"))]),
-                ("dnsdist", ["dnsdist", "--supervised", "--disable-syslog",
-                             "-C", str(self.path("dnsdist.conf"))])):
+            ("unbound", ["unbound", "-d", "-c", str(self.path("unbound.conf"))]),
+            ("dnsdist", ["dnsdist", "--supervised", "--disable-syslog", "-C", str(self.path("dnsdist.conf"))]),
+        ):
             output = open(self.path(f"{role}.out"), "ab")
-            self.registry.spawn(["ip", "netns", "exec", self.namespace] + argv, role,
-                                "uplink", stdout=output, stderr=subprocess.STDOUT)
+            self.registry.spawn(
+                ["ip", "netns", "exec", self.namespace] + argv, role, "uplink", stdout=output, stderr=subprocess.STDOUT
+            )
             output.close()
 
     def write_stamps(self):
         """Write uplink/stamps.json: {name, proto, stamp, address, port} per resolver."""
         public_key = self.path("provider.public").read_bytes()
         ca_der = subprocess.run(
-            ["openssl", "x509", "-in", str(self.path("ca.pem")), "-outform", "DER"],
-            capture_output=True, check=True).stdout
+            ["openssl", "x509", "-in", str(self.path("ca.pem")), "-outform", "DER"], capture_output=True, check=True
+        ).stdout
         ca_hash = stamps.tbs_certificate_hash(ca_der)
         entries = []
         for suffix, address in (("", DNSCRYPT_ADDRESS), ("6", DNSCRYPT_ADDRESS6)):
             host = f"[{address}]" if ":" in address else address
-            entries.append({"name": f"lab-dnscrypt{suffix}", "proto": "dnscrypt",
-                            "address": address, "port": 443,
-                            "stamp": stamps.dnscrypt_stamp(f"{host}:443", public_key,
-                                                           DNSCRYPT_PROVIDER)})
+            entries.append(
+                {
+                    "name": f"lab-dnscrypt{suffix}",
+                    "proto": "dnscrypt",
+                    "address": address,
+                    "port": 443,
+                    "stamp": stamps.dnscrypt_stamp(f"{host}:443", public_key, DNSCRYPT_PROVIDER),
+                }
+            )
         for suffix, address in (("", DOH_ADDRESS), ("6", DOH_ADDRESS6)):
             host = f"[{address}]" if ":" in address else address
-            entries.append({"name": f"lab-doh{suffix}", "proto": "doh",
-                            "address": address, "port": 443,
-                            "stamp": stamps.doh_stamp(f"{host}:443", DOH_HOSTNAME,
-                                                      DOH_PATH, [ca_hash])})
-        entries.append({"name": "lab-doh-unbound", "proto": "doh", "address": PLAIN_ADDRESS,
-                        "port": UNBOUND_DOH_PORT,
-                        "stamp": stamps.doh_stamp(f"{PLAIN_ADDRESS}:{UNBOUND_DOH_PORT}",
-                                                  f"{DOH_HOSTNAME}:{UNBOUND_DOH_PORT}",
-                                                  DOH_PATH, [ca_hash])})
-        entries.append({"name": "lab-plain", "proto": "plain", "address": PLAIN_ADDRESS,
-                        "port": 53, "stamp": stamps.plain_stamp(PLAIN_ADDRESS)})
+            entries.append(
+                {
+                    "name": f"lab-doh{suffix}",
+                    "proto": "doh",
+                    "address": address,
+                    "port": 443,
+                    "stamp": stamps.doh_stamp(f"{host}:443", DOH_HOSTNAME, DOH_PATH, [ca_hash]),
+                }
+            )
+        entries.append(
+            {
+                "name": "lab-doh-unbound",
+                "proto": "doh",
+                "address": PLAIN_ADDRESS,
+                "port": UNBOUND_DOH_PORT,
+                "stamp": stamps.doh_stamp(
+                    f"{PLAIN_ADDRESS}:{UNBOUND_DOH_PORT}", f"{DOH_HOSTNAME}:{UNBOUND_DOH_PORT}", DOH_PATH, [ca_hash]
+                ),
+            }
+        )
+        entries.append(
+            {
+                "name": "lab-plain",
+                "proto": "plain",
+                "address": PLAIN_ADDRESS,
+                "port": 53,
+                "stamp": stamps.plain_stamp(PLAIN_ADDRESS),
+            }
+        )
         self.path("stamps.json").write_text(json.dumps(entries, indent=1) + "\n")
         return entries
 
@@ -271,23 +372,39 @@ class Uplink:
                     if record.qube == "uplink" and not procs.is_alive(record):
                         raise UplinkError(
                             f"{record.role} in the uplink exited; see {self.directory}/"
-                            f"{record.role}.out and unbound.log")
+                            f"{record.role}.out and unbound.log"
+                        )
                 time.sleep(0.1)
         if pending:
-            raise UplinkError(f"uplink resolvers not ready within {timeout} s: "
-                              f"{', '.join(sorted(pending))}")
+            raise UplinkError(f"uplink resolvers not ready within {timeout} s: {', '.join(sorted(pending))}")
 
     def _listeners_ready(self):
         result = run(["ip", "netns", "exec", self.namespace, "ss", "-Hltn"], check=False)
-        wanted = [f"{DNSCRYPT_ADDRESS}:443", f"{DOH_ADDRESS}:443",
-                  f"{PLAIN_ADDRESS}:{DOT_PORT}", f"{PLAIN_ADDRESS}:{UNBOUND_DOH_PORT}",
-                  f"[{DOH_ADDRESS6}]:443", f"[{DNSCRYPT_ADDRESS6}]:443"]
+        wanted = [
+            f"{DNSCRYPT_ADDRESS}:443",
+            f"{DOH_ADDRESS}:443",
+            f"{PLAIN_ADDRESS}:{DOT_PORT}",
+            f"{PLAIN_ADDRESS}:{UNBOUND_DOH_PORT}",
+            f"[{DOH_ADDRESS6}]:443",
+            f"[{DNSCRYPT_ADDRESS6}]:443",
+        ]
         return all(address in result.stdout for address in wanted)
 
     def query(self, server, name, rtype="A", timeout=1.0):
         """Send one UDP query from inside the uplink namespace; return answer strings."""
-        argv = ["ip", "netns", "exec", self.namespace, "dig", f"@{server}", name, rtype,
-                "+short", "+tries=1", f"+time={max(1, int(timeout))}"]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.namespace,
+            "dig",
+            f"@{server}",
+            name,
+            rtype,
+            "+short",
+            "+tries=1",
+            f"+time={max(1, int(timeout))}",
+        ]
         result = run(argv, check=False, timeout=timeout + 5)
         if result.returncode != 0:
             raise OSError(f"dig @{server} {name} {rtype} failed: {result.stdout.strip()}")
@@ -299,8 +416,11 @@ class Uplink:
         if not log_file.exists():
             return []
         # With log-queries, unbound logs "info: CLIENT NAME. TYPE IN" per query.
-        return [line for line in log_file.read_text(errors="replace").splitlines()
-                if " info: " in line and line.rstrip().endswith(" IN")]
+        return [
+            line
+            for line in log_file.read_text(errors="replace").splitlines()
+            if " info: " in line and line.rstrip().endswith(" IN")
+        ]
 
     # Teardown
 

@@ -157,9 +157,13 @@ class FakeQubes:
 
         self._require(name)
         if self.qubes[name]["state"] != "Halted":
-            raise CommandExecutionError("command qvm-remove --force {} failed with exit code 1: Domain is not powered off".format(name))
+            raise CommandExecutionError(
+                "command qvm-remove --force {} failed with exit code 1: Domain is not powered off".format(name)
+            )
         if self.dependents(name):
-            raise CommandExecutionError("command qvm-remove --force {} failed with exit code 1: Domain is in use".format(name))
+            raise CommandExecutionError(
+                "command qvm-remove --force {} failed with exit code 1: Domain is in use".format(name)
+            )
         self._change("remove", name)
         del self.qubes[name]
         self.features_of.pop(name, None)

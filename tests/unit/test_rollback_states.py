@@ -272,8 +272,12 @@ def test_rollback_disposable_class(fake):
     module.qube_present("sys-dns-dvm", "tpl-sys-dns", "orange", prefs={"template_for_dispvms": True, "netvm": None})
     module.config_applied("sys-dns-dvm", CONFIG, restart_qube="sys-dns")
     module.qube_present(
-        "sys-dns", "sys-dns-dvm", "orange", klass="DispVM",
-        prefs={"netvm": "sys-net", "provides_network": True}, features={"service.sysdns": "1"},
+        "sys-dns",
+        "sys-dns-dvm",
+        "orange",
+        klass="DispVM",
+        prefs={"netvm": "sys-net", "provides_network": True},
+        features={"service.sysdns": "1"},
     )
     module.running("sys-dns")
     module.netvm("sys-firewall", "sys-dns")
@@ -288,8 +292,11 @@ def test_rollback_without_clone_keeps_template(fake):
     module = states(fake)
     module.template_configured("debian-12-minimal", PACKAGES, FILES, LINKS, True)
     module.qube_present(
-        "sys-dns", "debian-12-minimal", "orange",
-        prefs={"netvm": "sys-net", "provides_network": True}, features={"service.sysdns": "1"},
+        "sys-dns",
+        "debian-12-minimal",
+        "orange",
+        prefs={"netvm": "sys-net", "provides_network": True},
+        features={"service.sysdns": "1"},
     )
     module.netvm("sys-firewall", "sys-dns")
 
@@ -359,8 +366,10 @@ def test_qvm_remove_failure_raises():
 
 def test_qvm_dependents_reads_listing_and_globals():
     listing = "\n".join(
-        "|".join({"name": name, "class": "AppVM", "state": "Halted", "template": template, "netvm": netvm}.get(field, "-")
-                 for field in qvm_module.QUBE_FIELDS)
+        "|".join(
+            {"name": name, "class": "AppVM", "state": "Halted", "template": template, "netvm": netvm}.get(field, "-")
+            for field in qvm_module.QUBE_FIELDS
+        )
         for name, template, netvm in (
             ("sys-dns", "tpl-sys-dns", "sys-net"),
             ("sys-firewall", "debian-12-minimal", "sys-dns"),

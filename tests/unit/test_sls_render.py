@@ -59,7 +59,11 @@ def salt_env(tmp_path_factory):
 
     def run(*args, pillar=None):
         (pillar_dir / "sysdns.sls").write_text(yaml.safe_dump({"sysdns": pillar or {}}))
-        argv = salt_call + ["--local", "--config-dir", str(config_dir), "--out", "json", "--retcode-passthrough"] + list(args)
+        argv = (
+            salt_call
+            + ["--local", "--config-dir", str(config_dir), "--out", "json", "--retcode-passthrough"]
+            + list(args)
+        )
         return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
     sync = run("saltutil.sync_all")

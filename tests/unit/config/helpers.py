@@ -63,9 +63,7 @@ def nft_check(ruleset_text, workdir):
     require_root_tool("nft")
     path = pathlib.Path(workdir) / "sysdns.nft"
     path.write_text(ruleset_text)
-    return subprocess.run(
-        ["nft", "-c", "-f", str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
+    return subprocess.run(["nft", "-c", "-f", str(path)], capture_output=True, text=True, timeout=60, check=False)
 
 
 def assert_nft_check_passes(ruleset_text, workdir):

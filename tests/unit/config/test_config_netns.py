@@ -325,11 +325,15 @@ def test_tcp_and_udp_listeners_bind_together(namespaces, tmp_path, dnscrypt_prox
     # listen_addresses = ["[::]:53"] must bind; adding "0.0.0.0:53" would fail with
     # "address already in use", which is why the formula does not.
     namespace = namespaces.add("bind")
-    toml = config.render_dnscrypt_toml(config.validate({"dnscrypt": {"resolvers": [{"name": "d", "stamp": UPSTREAM_DOH}]}}))
+    toml = config.render_dnscrypt_toml(
+        config.validate({"dnscrypt": {"resolvers": [{"name": "d", "stamp": UPSTREAM_DOH}]}})
+    )
     (tmp_path / "a.toml").write_text(toml)
     (tmp_path / "b.toml").write_text(toml.replace('["[::]:53"]', '["0.0.0.0:53", "[::]:53"]'))
 
-    good = namespaces.spawn(namespace, str(dnscrypt_proxy), "-config", str(tmp_path / "a.toml"), log_path=tmp_path / "a.log")
+    good = namespaces.spawn(
+        namespace, str(dnscrypt_proxy), "-config", str(tmp_path / "a.toml"), log_path=tmp_path / "a.log"
+    )
     wait_for(lambda: "Now listening to [::]:53 [TCP]" in (tmp_path / "a.log").read_text(), "dnscrypt-proxy", good)
     listening = namespaces.run(namespace, "ss", "-Hlntu").stdout
     good.terminate()

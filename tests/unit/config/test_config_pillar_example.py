@@ -71,7 +71,17 @@ def test_example_keys_commented():
         stripped = line.strip()
         if not stripped or stripped.startswith("#") or ":" not in stripped or stripped.startswith("- "):
             continue
-        if stripped.split(":", 1)[0] in ("sysdns", "name", "stamp", "zone", "servers", "address", "server_name", "via", "urls"):
+        if stripped.split(":", 1)[0] in (
+            "sysdns",
+            "name",
+            "stamp",
+            "zone",
+            "servers",
+            "address",
+            "server_name",
+            "via",
+            "urls",
+        ):
             continue
         above = index - 1
         while above >= 0 and lines[above].strip() and not lines[above].strip().startswith("#"):

@@ -15,7 +15,9 @@ QUBE_NAMES = st.from_regex(r"[a-z][a-z0-9_-]{0,20}", fullmatch=True).filter(
     lambda name: "whonix" not in name and not name.endswith("-dm") and name not in ("none", "default", "dom0")
 )
 IPV4 = st.one_of(
-    st.ip_addresses(network="192.0.2.0/24"), st.ip_addresses(network="198.51.100.0/24"), st.ip_addresses(network="203.0.113.0/24")
+    st.ip_addresses(network="192.0.2.0/24"),
+    st.ip_addresses(network="198.51.100.0/24"),
+    st.ip_addresses(network="203.0.113.0/24"),
 )
 IPV6 = st.ip_addresses(network="2001:db8::/32")
 PORTS = st.integers(min_value=1, max_value=65535).filter(lambda port: port != 53)
@@ -25,7 +27,11 @@ def _stamp(kind, ip, port, host, key):
     address = f"[{ip}]" if ip.version == 6 else str(ip)
     if kind == "dnscrypt":
         return config.encode_stamp(
-            "dnscrypt", address=f"{address}:{port}", props=ALL_PROPS, public_key=key, provider_name="2.dnscrypt-cert." + host
+            "dnscrypt",
+            address=f"{address}:{port}",
+            props=ALL_PROPS,
+            public_key=key,
+            provider_name="2.dnscrypt-cert." + host,
         )
     if kind == "doh":
         return config.encode_stamp("doh", address=address, props=ALL_PROPS, host=f"{host}:{port}", path="/dns-query")
@@ -82,7 +88,12 @@ def pillars(draw):
         {
             "zone": zone,
             "servers": draw(
-                st.lists(st.builds(_socket, st.one_of(IPV4, IPV6), st.integers(min_value=1, max_value=65535)), min_size=1, max_size=3, unique=True)
+                st.lists(
+                    st.builds(_socket, st.one_of(IPV4, IPV6), st.integers(min_value=1, max_value=65535)),
+                    min_size=1,
+                    max_size=3,
+                    unique=True,
+                )
             ),
         }
         for zone in zones
@@ -90,7 +101,12 @@ def pillars(draw):
 
     routes = []
     if relays and dnscrypt_names:
-        routes = [{"server_name": draw(st.sampled_from(dnscrypt_names + ["*"])), "via": draw(st.sampled_from([["*"], [relays[0]["name"]]]))}]
+        routes = [
+            {
+                "server_name": draw(st.sampled_from(dnscrypt_names + ["*"])),
+                "via": draw(st.sampled_from([["*"], [relays[0]["name"]]])),
+            }
+        ]
 
     dnscrypt = {
         "resolvers": [{"name": entry["name"], "stamp": entry["stamp"]} for entry in resolvers],
@@ -113,12 +129,16 @@ def pillars(draw):
         "query_log": {
             "enabled": draw(st.booleans()),
             "format": draw(st.sampled_from(["tsv", "ltsv"])),
-            "ignored_qtypes": draw(st.lists(st.sampled_from(["A", "AAAA", "DNSKEY", "NS", "TXT"]), unique=True, max_size=3)),
+            "ignored_qtypes": draw(
+                st.lists(st.sampled_from(["A", "AAAA", "DNSKEY", "NS", "TXT"]), unique=True, max_size=3)
+            ),
         },
         "forwarding_rules": forwarding,
         "cloaking_rules": draw(
             st.lists(
-                st.fixed_dictionaries({"name": PATTERNS, "address": st.one_of(IPV4.map(str), IPV6.map(str), DNS_NAMES)}),
+                st.fixed_dictionaries(
+                    {"name": PATTERNS, "address": st.one_of(IPV4.map(str), IPV6.map(str), DNS_NAMES)}
+                ),
                 max_size=3,
                 unique_by=lambda rule: (rule["name"], rule["address"]),
             )
@@ -139,7 +159,9 @@ def pillars(draw):
     }
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(pillar=pillars())
 def test_valid_pillar_renders_accepted_files(pillar, tmp_path):
     cfg = config.validate(pillar)

@@ -124,9 +124,17 @@ BAD_INPUT = [
     (dnscrypt(resolvers=[]), "sysdns:dnscrypt:resolvers", "a list of 0 entries is invalid"),
     (dnscrypt(resolvers=[{"name": "x"}]), "sysdns:dnscrypt:resolvers:0:stamp", "missing: expected a DNS stamp"),
     (dnscrypt(resolvers=[{"name": "x", "stamp": "s", "ip": "1"}]), "sysdns:dnscrypt:resolvers:0:ip", "unknown key"),
-    (dnscrypt(resolvers=resolvers("https://dns.example/dns-query")), "sysdns:dnscrypt:resolvers:0:stamp", "starting with 'sdns://'"),
+    (
+        dnscrypt(resolvers=resolvers("https://dns.example/dns-query")),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "starting with 'sdns://'",
+    ),
     (dnscrypt(resolvers=resolvers(CLOUDFLARE[:-8])), "sysdns:dnscrypt:resolvers:0:stamp", "truncated"),
-    (dnscrypt(resolvers=resolvers("sdns://AgcA=AAA")), "sysdns:dnscrypt:resolvers:0:stamp", "URL-safe base64 without padding"),
+    (
+        dnscrypt(resolvers=resolvers("sdns://AgcA=AAA")),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "URL-safe base64 without padding",
+    ),
     (dnscrypt(resolvers=resolvers(non_canonical(doh_stamp()))), "sysdns:dnscrypt:resolvers:0:stamp", "not canonical"),
     (dnscrypt(resolvers=resolvers(doh_stamp(address=""))), "sysdns:dnscrypt:resolvers:0:stamp", "in plaintext DNS"),
     (dnscrypt(resolvers=resolvers(ODOH_TARGET)), "sysdns:dnscrypt:resolvers:0:stamp", "has no IP address"),
@@ -138,7 +146,9 @@ BAD_INPUT = [
     ),
     (dnscrypt(resolvers=resolvers(ANON_CS_NL)), "sysdns:dnscrypt:resolvers:0:stamp", "it is a relay stamp"),
     (
-        dnscrypt(resolvers=resolvers(config.encode_stamp("dot", address="192.0.2.4", props=ALL_PROPS, host="dot.lab.test"))),
+        dnscrypt(
+            resolvers=resolvers(config.encode_stamp("dot", address="192.0.2.4", props=ALL_PROPS, host="dot.lab.test"))
+        ),
         "sysdns:dnscrypt:resolvers:0:stamp",
         "cannot use DOT stamps",
     ),
@@ -147,8 +157,16 @@ BAD_INPUT = [
         "sysdns:dnscrypt:resolvers:0:stamp",
         "sends queries unencrypted",
     ),
-    (dnscrypt(resolvers=resolvers(dnscrypt_stamp(address="192.0.2.2:53"))), "sysdns:dnscrypt:resolvers:0:stamp", "uses port 53"),
-    (dnscrypt(resolvers=resolvers(QUAD9_IP6)), "sysdns:dnscrypt:resolvers:0:stamp", "IPv6 address but dnscrypt:ipv6_servers is false"),
+    (
+        dnscrypt(resolvers=resolvers(dnscrypt_stamp(address="192.0.2.2:53"))),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "uses port 53",
+    ),
+    (
+        dnscrypt(resolvers=resolvers(QUAD9_IP6)),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "IPv6 address but dnscrypt:ipv6_servers is false",
+    ),
     (
         dnscrypt(ipv4_servers=False, ipv6_servers=True, resolvers=resolvers(CLOUDFLARE)),
         "sysdns:dnscrypt:resolvers:0:stamp",
@@ -164,14 +182,26 @@ BAD_INPUT = [
         "sysdns:dnscrypt:resolvers:1:stamp",
         "duplicate of sysdns:dnscrypt:resolvers:0:stamp",
     ),
-    (dnscrypt(resolvers=[{"name": "my resolver", "stamp": CLOUDFLARE}]), "sysdns:dnscrypt:resolvers:0:name", "expected a server name"),
+    (
+        dnscrypt(resolvers=[{"name": "my resolver", "stamp": CLOUDFLARE}]),
+        "sysdns:dnscrypt:resolvers:0:name",
+        "expected a server name",
+    ),
     (
         dnscrypt(resolvers=[{"name": "a", "stamp": CLOUDFLARE}], relays=[{"name": "a", "stamp": ANON_CS_NL}]),
         "sysdns:dnscrypt:relays:0:name",
         "duplicate of sysdns:dnscrypt:resolvers:0:name",
     ),
-    (dnscrypt(relays=[{"name": "relay", "stamp": CLOUDFLARE}]), "sysdns:dnscrypt:relays:0:stamp", "expected a DNSCrypt relay stamp"),
-    (dnscrypt(relays=[{"name": "relay", "stamp": ODOH_RELAY}]), "sysdns:dnscrypt:relays:0:stamp", "ODoH relays only serve ODoH targets"),
+    (
+        dnscrypt(relays=[{"name": "relay", "stamp": CLOUDFLARE}]),
+        "sysdns:dnscrypt:relays:0:stamp",
+        "expected a DNSCrypt relay stamp",
+    ),
+    (
+        dnscrypt(relays=[{"name": "relay", "stamp": ODOH_RELAY}]),
+        "sysdns:dnscrypt:relays:0:stamp",
+        "ODoH relays only serve ODoH targets",
+    ),
     (
         dnscrypt(resolvers=resolvers(doh_stamp(address="192.0.2.3:8443", host="doh.lab.test"))),
         "sysdns:dnscrypt:resolvers:0:stamp",
@@ -183,19 +213,41 @@ BAD_INPUT = [
         "rejects stamps with bootstrap IP addresses",
     ),
     (
-        dnscrypt(resolvers=resolvers(dnscrypt_stamp(public_key="22" * 16, provider="2.dnscrypt-cert.a-long-provider.lab.test"))),
+        dnscrypt(
+            resolvers=resolvers(
+                dnscrypt_stamp(public_key="22" * 16, provider="2.dnscrypt-cert.a-long-provider.lab.test")
+            )
+        ),
         "sysdns:dnscrypt:resolvers:0:stamp",
         "public key must be 32 bytes",
     ),
     (
-        dnscrypt(resolvers=resolvers(config.encode_stamp("dnscrypt", address="192.0.2.2", props=ALL_PROPS, public_key="33" * 20, provider_name="x"))),
+        dnscrypt(
+            resolvers=resolvers(
+                config.encode_stamp(
+                    "dnscrypt", address="192.0.2.2", props=ALL_PROPS, public_key="33" * 20, provider_name="x"
+                )
+            )
+        ),
         "sysdns:dnscrypt:resolvers:0:stamp",
         "too short",
     ),
-    (dnscrypt(resolvers=resolvers(doh_stamp(path="dns-query"))), "sysdns:dnscrypt:resolvers:0:stamp", "must start with '/'"),
-    (dnscrypt(resolvers=resolvers(doh_stamp(host="doh.lab.test;id"))), "sysdns:dnscrypt:resolvers:0:stamp", "unsafe characters"),
+    (
+        dnscrypt(resolvers=resolvers(doh_stamp(path="dns-query"))),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "must start with '/'",
+    ),
+    (
+        dnscrypt(resolvers=resolvers(doh_stamp(host="doh.lab.test;id"))),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "unsafe characters",
+    ),
     # server_names
-    (dnscrypt(server_names=["nope"]), "sysdns:dnscrypt:server_names:0", "expected the name of an entry in dnscrypt:resolvers"),
+    (
+        dnscrypt(server_names=["nope"]),
+        "sysdns:dnscrypt:server_names:0",
+        "expected the name of an entry in dnscrypt:resolvers",
+    ),
     (
         dnscrypt(relays=[{"name": "anon-cs-nl", "stamp": ANON_CS_NL}], server_names=["anon-cs-nl"]),
         "sysdns:dnscrypt:server_names:0",
@@ -204,7 +256,11 @@ BAD_INPUT = [
     (dnscrypt(server_names=[]), "sysdns:dnscrypt:server_names", "no server_names key to use every resolver"),
     (dnscrypt(server_names=["cloudflare", "cloudflare"]), "sysdns:dnscrypt:server_names:1", "duplicate"),
     # resolver options
-    (dnscrypt(ipv4_servers=False, ipv6_servers=False), "sysdns:dnscrypt:ipv6_servers", "ipv4_servers or dnscrypt:ipv6_servers"),
+    (
+        dnscrypt(ipv4_servers=False, ipv6_servers=False),
+        "sysdns:dnscrypt:ipv6_servers",
+        "ipv4_servers or dnscrypt:ipv6_servers",
+    ),
     (dnscrypt(lb_strategy="wp2"), "sysdns:dnscrypt:lb_strategy", "'wp2' does not exist in dnscrypt-proxy 2.1.8"),
     (dnscrypt(lb_strategy="fastest"), "sysdns:dnscrypt:lb_strategy", "expected 'p2', 'ph', 'first', 'random'"),
     (dnscrypt(lb_strategy="p0"), "sysdns:dnscrypt:lb_strategy", "expected 'p2'"),
@@ -213,34 +269,100 @@ BAD_INPUT = [
     (dnscrypt(max_clients=-1), "sysdns:dnscrypt:max_clients", "out of range"),
     (dnscrypt(max_clients=False), "sysdns:dnscrypt:max_clients", "it is a boolean"),
     (dnscrypt(require_nolog="true"), "sysdns:dnscrypt:require_nolog", "expected true or false"),
-    (dnscrypt(cache={"min_ttl": 700, "max_ttl": 600}), "sysdns:dnscrypt:cache:min_ttl", "at most dnscrypt:cache:max_ttl (600)"),
+    (
+        dnscrypt(cache={"min_ttl": 700, "max_ttl": 600}),
+        "sysdns:dnscrypt:cache:min_ttl",
+        "at most dnscrypt:cache:max_ttl (600)",
+    ),
     (dnscrypt(cache={"neg_min_ttl": 900}), "sysdns:dnscrypt:cache:neg_min_ttl", "at most dnscrypt:cache:neg_max_ttl"),
     (dnscrypt(cache={"size": 0}), "sysdns:dnscrypt:cache:size", "(entries)"),
     (dnscrypt(cache={"sise": 10}), "sysdns:dnscrypt:cache:sise", "did you mean 'size'?"),
     (dnscrypt(query_log={"format": "json"}), "sysdns:dnscrypt:query_log:format", "expected one of 'tsv', 'ltsv'"),
     (dnscrypt(query_log={"ignored_qtypes": ["aaaa"]}), "sysdns:dnscrypt:query_log:ignored_qtypes:0", "uppercase"),
     # forwarding rules
-    (dnscrypt(forwarding_rules=[{"zone": "corp example", "servers": ["192.0.2.53"]}]), "sysdns:dnscrypt:forwarding_rules:0:zone", "whitespace"),
-    (dnscrypt(forwarding_rules=[{"zone": "-bad-.example", "servers": ["192.0.2.53"]}]), "sysdns:dnscrypt:forwarding_rules:0:zone", "label '-bad-' is invalid"),
-    (dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["dns.corp.example"]}]), "sysdns:dnscrypt:forwarding_rules:0:servers:0", "is not an IP address"),
-    (dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["192.0.2.53:70000"]}]), "sysdns:dnscrypt:forwarding_rules:0:servers:0", "out of range"),
-    (dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["127.0.0.1"]}]), "sysdns:dnscrypt:forwarding_rules:0:servers:0", "would loop"),
-    (dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": []}]), "sysdns:dnscrypt:forwarding_rules:0:servers", "a list of 0 entries"),
-    (dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": "192.0.2.53"}]), "sysdns:dnscrypt:forwarding_rules:0:servers", "expected a list"),
-    (dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["192.0.2.53;reboot"]}]), "sysdns:dnscrypt:forwarding_rules:0:servers:0", "shell metacharacter ';'"),
-    (dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["[192.0.2.53]:53"]}]), "sysdns:dnscrypt:forwarding_rules:0:servers:0", "without brackets"),
-    (dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["fe80::1%eth0"]}]), "sysdns:dnscrypt:forwarding_rules:0:servers:0", "is not an IP address"),
     (
-        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["192.0.2.53"]}, {"zone": "Corp.Example.", "servers": ["192.0.2.54"]}]),
+        dnscrypt(forwarding_rules=[{"zone": "corp example", "servers": ["192.0.2.53"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:zone",
+        "whitespace",
+    ),
+    (
+        dnscrypt(forwarding_rules=[{"zone": "-bad-.example", "servers": ["192.0.2.53"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:zone",
+        "label '-bad-' is invalid",
+    ),
+    (
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["dns.corp.example"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:servers:0",
+        "is not an IP address",
+    ),
+    (
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["192.0.2.53:70000"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:servers:0",
+        "out of range",
+    ),
+    (
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["127.0.0.1"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:servers:0",
+        "would loop",
+    ),
+    (
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": []}]),
+        "sysdns:dnscrypt:forwarding_rules:0:servers",
+        "a list of 0 entries",
+    ),
+    (
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": "192.0.2.53"}]),
+        "sysdns:dnscrypt:forwarding_rules:0:servers",
+        "expected a list",
+    ),
+    (
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["192.0.2.53;reboot"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:servers:0",
+        "shell metacharacter ';'",
+    ),
+    (
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["[192.0.2.53]:53"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:servers:0",
+        "without brackets",
+    ),
+    (
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["fe80::1%eth0"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:servers:0",
+        "is not an IP address",
+    ),
+    (
+        dnscrypt(
+            forwarding_rules=[
+                {"zone": "corp.example", "servers": ["192.0.2.53"]},
+                {"zone": "Corp.Example.", "servers": ["192.0.2.54"]},
+            ]
+        ),
         "sysdns:dnscrypt:forwarding_rules:1:zone",
         "duplicate of sysdns:dnscrypt:forwarding_rules:0:zone",
     ),
-    (dnscrypt(forwarding_rules=[{"zone": "corp.example", "server": ["192.0.2.53"]}]), "sysdns:dnscrypt:forwarding_rules:0:server", "did you mean 'servers'?"),
-    # cloaking, blocked and allowed names
-    (dnscrypt(cloaking_rules=[{"name": "printer corp", "address": "192.0.2.80"}]), "sysdns:dnscrypt:cloaking_rules:0:name", "whitespace"),
-    (dnscrypt(cloaking_rules=[{"name": "printer.corp.example", "address": "printer!"}]), "sysdns:dnscrypt:cloaking_rules:0:address", "shell metacharacter '!'"),
     (
-        dnscrypt(cloaking_rules=[{"name": "p.example", "address": "192.0.2.80"}, {"name": "p.example", "address": "192.0.2.80"}]),
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "server": ["192.0.2.53"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:server",
+        "did you mean 'servers'?",
+    ),
+    # cloaking, blocked and allowed names
+    (
+        dnscrypt(cloaking_rules=[{"name": "printer corp", "address": "192.0.2.80"}]),
+        "sysdns:dnscrypt:cloaking_rules:0:name",
+        "whitespace",
+    ),
+    (
+        dnscrypt(cloaking_rules=[{"name": "printer.corp.example", "address": "printer!"}]),
+        "sysdns:dnscrypt:cloaking_rules:0:address",
+        "shell metacharacter '!'",
+    ),
+    (
+        dnscrypt(
+            cloaking_rules=[
+                {"name": "p.example", "address": "192.0.2.80"},
+                {"name": "p.example", "address": "192.0.2.80"},
+            ]
+        ),
         "sysdns:dnscrypt:cloaking_rules:1",
         "duplicate",
     ),
@@ -249,10 +371,17 @@ BAD_INPUT = [
     (dnscrypt(blocked_names=["ads.example@work"]), "sysdns:dnscrypt:blocked_names:0", "name pattern"),
     (dnscrypt(blocked_names=["ads.example", "ads.example"]), "sysdns:dnscrypt:blocked_names:1", "duplicate"),
     (dnscrypt(allowed_names=["=*.example"]), "sysdns:dnscrypt:allowed_names:0", "cannot contain wildcards"),
-    (dnscrypt(blocked_names=[f"n{index}.example" for index in range(4097)]), "sysdns:dnscrypt:blocked_names", "4096 entries"),
+    (
+        dnscrypt(blocked_names=[f"n{index}.example" for index in range(4097)]),
+        "sysdns:dnscrypt:blocked_names",
+        "4096 entries",
+    ),
     # anonymized routes
     (
-        dnscrypt(relays=[{"name": "anon-cs-nl", "stamp": ANON_CS_NL}], anonymized_routes=[{"server_name": "cloudflare", "via": ["anon-cs-nl"]}]),
+        dnscrypt(
+            relays=[{"name": "anon-cs-nl", "stamp": ANON_CS_NL}],
+            anonymized_routes=[{"server_name": "cloudflare", "via": ["anon-cs-nl"]}],
+        ),
         "sysdns:dnscrypt:anonymized_routes:0:server_name",
         "anonymizes only DNSCrypt servers",
     ),
@@ -262,32 +391,65 @@ BAD_INPUT = [
         "expected the name of an entry in dnscrypt:relays",
     ),
     (
-        dnscrypt(relays=[{"name": "anon-cs-nl", "stamp": ANON_CS_NL}], anonymized_routes=[{"server_name": "*", "via": ["*", "anon-cs-nl"]}]),
+        dnscrypt(
+            relays=[{"name": "anon-cs-nl", "stamp": ANON_CS_NL}],
+            anonymized_routes=[{"server_name": "*", "via": ["*", "anon-cs-nl"]}],
+        ),
         "sysdns:dnscrypt:anonymized_routes:0:via",
         "alone",
     ),
-    (dnscrypt(anonymized_routes=[{"server_name": "*", "via": ["*"]}]), "sysdns:dnscrypt:anonymized_routes:0:via", "at least one entry in dnscrypt:relays"),
-    (dnscrypt(anonymized_routes=[{"server_name": "ghost", "via": ["*"]}]), "sysdns:dnscrypt:anonymized_routes:0:server_name", "expected the name of an entry"),
-    # sources
-    (dnscrypt(sources={"lists": [SOURCE_LIST]}), "sysdns:dnscrypt:sources:allow_plaintext_bootstrap", "the opt-in must name where those lookups go"),
-    (dnscrypt(sources={"allow_plaintext_bootstrap": ["192.0.2.53"]}), "sysdns:dnscrypt:sources:allow_plaintext_bootstrap", "plaintext DNS for nothing"),
     (
-        dnscrypt(sources={"allow_plaintext_bootstrap": ["192.0.2.53"], "lists": [dict(SOURCE_LIST, urls=["http://lists.lab.test/x.md"])]}),
+        dnscrypt(anonymized_routes=[{"server_name": "*", "via": ["*"]}]),
+        "sysdns:dnscrypt:anonymized_routes:0:via",
+        "at least one entry in dnscrypt:relays",
+    ),
+    (
+        dnscrypt(anonymized_routes=[{"server_name": "ghost", "via": ["*"]}]),
+        "sysdns:dnscrypt:anonymized_routes:0:server_name",
+        "expected the name of an entry",
+    ),
+    # sources
+    (
+        dnscrypt(sources={"lists": [SOURCE_LIST]}),
+        "sysdns:dnscrypt:sources:allow_plaintext_bootstrap",
+        "the opt-in must name where those lookups go",
+    ),
+    (
+        dnscrypt(sources={"allow_plaintext_bootstrap": ["192.0.2.53"]}),
+        "sysdns:dnscrypt:sources:allow_plaintext_bootstrap",
+        "plaintext DNS for nothing",
+    ),
+    (
+        dnscrypt(
+            sources={
+                "allow_plaintext_bootstrap": ["192.0.2.53"],
+                "lists": [dict(SOURCE_LIST, urls=["http://lists.lab.test/x.md"])],
+            }
+        ),
         "sysdns:dnscrypt:sources:lists:0:urls:0",
         "expected an https:// URL",
     ),
     (
-        dnscrypt(sources={"allow_plaintext_bootstrap": ["192.0.2.53"], "lists": [dict(SOURCE_LIST, minisign_key="RWabc")]}),
+        dnscrypt(
+            sources={"allow_plaintext_bootstrap": ["192.0.2.53"], "lists": [dict(SOURCE_LIST, minisign_key="RWabc")]}
+        ),
         "sysdns:dnscrypt:sources:lists:0:minisign_key",
         "expected a minisign public key",
     ),
     (
-        dnscrypt(sources={"allow_plaintext_bootstrap": ["192.0.2.53"], "lists": [dict(SOURCE_LIST, cache_file="../etc/passwd")]}),
+        dnscrypt(
+            sources={
+                "allow_plaintext_bootstrap": ["192.0.2.53"],
+                "lists": [dict(SOURCE_LIST, cache_file="../etc/passwd")],
+            }
+        ),
         "sysdns:dnscrypt:sources:lists:0:cache_file",
         "expected a file name",
     ),
     (
-        dnscrypt(sources={"allow_plaintext_bootstrap": ["192.0.2.53"], "lists": [dict(SOURCE_LIST, refresh_delay_h=10)]}),
+        dnscrypt(
+            sources={"allow_plaintext_bootstrap": ["192.0.2.53"], "lists": [dict(SOURCE_LIST, refresh_delay_h=10)]}
+        ),
         "sysdns:dnscrypt:sources:lists:0:refresh_delay_h",
         "from 25 to 169 (hours)",
     ),
@@ -330,11 +492,7 @@ def test_bad_input_message_shows_value(pillar, path, text):
     for line in errors:
         assert line.startswith("sysdns")
         assert "\n" not in line
-        assert (
-            " is invalid: " in line
-            or "unknown key" in line
-            or "missing: " in line
-        ), line
+        assert " is invalid: " in line or "unknown key" in line or "missing: " in line, line
 
 
 def test_all_errors_collected_in_one_pass():
