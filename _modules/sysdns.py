@@ -24,6 +24,10 @@ PROBE_COMMAND = "/usr/lib/sysdns/probe-upstream"
 # DNS response codes that only an upstream server's answer produces for a name no
 # cache holds; dnscrypt-proxy answers SERVFAIL (2) when no server replied.
 UPSTREAM_RCODES = {0: "NOERROR", 3: "NXDOMAIN"}
+# Random names the upstream probe may ask for: a later one gives a single failed
+# upstream exchange (a lost packet, a dropped TCP session) another chance, while a
+# blocked upstream fails every one.
+UPSTREAM_PROBE_ATTEMPTS = 3
 
 # Reads one name per line on stdin and prints "ok NAME ADDRESS..." or "fail NAME EXIT".
 # getent exits 2 for a name that does not exist (getent(1)). timeout exits 124 when a
@@ -74,12 +78,24 @@ def read_counters(qube):
 
 
 def parse_probe_output(result):
-    """Return the response code printed by PROBE_COMMAND, or None when there was none."""
+    """
+    Return the response codes printed by PROBE_COMMAND, one per name it asked for, in
+    order; None stands for a name that got no answer.
+    """
+    rcodes = []
     for line in (result.get("stdout") or "").splitlines():
         words = line.split()
-        if len(words) == 2 and words[0] == "rcode" and words[1].isdigit():
-            return int(words[1])
-    return None
+        if len(words) == 2 and words[0] == "rcode":
+            rcodes.append(int(words[1]) if words[1].isdigit() else None)
+    return rcodes
+
+
+def upstream_rcode(rcodes):
+    """Return the first code that proves an upstream answer, else the last code seen."""
+    for rcode in rcodes:
+        if rcode in UPSTREAM_RCODES:
+            return rcode
+    return rcodes[-1] if rcodes else None
 
 
 def parse_resolve_output(output):
@@ -180,10 +196,18 @@ def measure(
             }
             for name in names
         }
-    upstream_probe = "sysdns-probe-{}.{}".format(uuid.uuid4().hex[:12], names[0])
+    upstream_probes = [
+        "sysdns-probe-{}.{}".format(uuid.uuid4().hex[:12], names[0]) for _ in range(UPSTREAM_PROBE_ATTEMPTS)
+    ]
     probe_result = __salt__["sysdns_qvm.run"](
-        qube, PROBE_COMMAND, stdin=upstream_probe + "\n", autostart=False, check=False, timeout=60
+        qube,
+        PROBE_COMMAND,
+        stdin="".join(name + "\n" for name in upstream_probes),
+        autostart=False,
+        check=False,
+        timeout=30 + 20 * UPSTREAM_PROBE_ATTEMPTS,
     )
+    upstream_rcodes = parse_probe_output(probe_result)
     after = read_counters(qube)
 
     window = {
@@ -195,8 +219,9 @@ def measure(
         "skipped": skipped,
         "lookups": lookups,
         "probe": probe,
-        "upstream_probe": upstream_probe,
-        "upstream_rcode": parse_probe_output(probe_result),
+        "upstream_probes": upstream_probes[: max(len(upstream_rcodes), 1)],
+        "upstream_rcodes": upstream_rcodes,
+        "upstream_rcode": upstream_rcode(upstream_rcodes),
     }
     __context__[key] = window
     return window
@@ -260,11 +285,13 @@ def check_upstream(window):
     problems = []
     rcode = window["upstream_rcode"]
     if rcode not in UPSTREAM_RCODES:
-        seen = "no answer" if rcode is None else "response code {}".format(rcode)
+        seen = ", ".join(
+            "no answer" if code is None else "response code {}".format(code) for code in window["upstream_rcodes"]
+        )
         problems.append(
-            "{}: dnscrypt-proxy got no upstream answer for the random name {} (expected "
+            "{}: dnscrypt-proxy got no upstream answer for the random names {} (expected "
             "NOERROR or NXDOMAIN, got {}); check that sys-net is connected and the "
-            "clock is right".format(window["qube"], window["upstream_probe"], seen)
+            "clock is right".format(window["qube"], ", ".join(window["upstream_probes"]), seen or "no answer")
         )
     if window["delta"]["upstream_replies"] <= 0:
         problems.append(

@@ -31,7 +31,8 @@ class CheckQubes(FakeQubes):
         super().__init__(qubes)
         self.counters_sequence = list(counters_sequence)
         self.resolvable = set(resolvable)
-        self.probe_rcode = 3
+        # Response codes the upstream probe gets, one per name it asks for, in order.
+        self.probe_rcodes = ["3"]
 
     def run(self, name, command, user="root", stdin=None, autostart=True, timeout=900, check=True):
         self.runs.append((name, command, stdin))
@@ -41,7 +42,13 @@ class CheckQubes(FakeQubes):
             values = self.counters_sequence.pop(0)
             return {"retcode": 0, "stdout": COUNTERS_TEMPLATE.format(**values), "stderr": ""}
         if command.endswith("/probe-upstream"):
-            return {"retcode": 0, "stdout": "rcode {}\n".format(self.probe_rcode), "stderr": ""}
+            # Like probe-upstream: one line per name, stopping at NOERROR or NXDOMAIN.
+            lines = []
+            for _name, rcode in zip(stdin.split(), self.probe_rcodes, strict=False):
+                lines.append("rcode {}".format(rcode))
+                if rcode in ("0", "3"):
+                    break
+            return {"retcode": 0, "stdout": "".join(line + "\n" for line in lines), "stderr": ""}
         if command.startswith("while read"):
             lines = []
             for requested in stdin.split():
@@ -122,11 +129,46 @@ def test_no_upstream_reply_fails_check():
 @pytest.mark.parametrize("rcode", ["2", "none"])
 def test_probe_without_upstream_answer_fails_check(rcode):
     fake = CheckQubes(QUBES, [counters(0, 0, 7), counters(2, 0, 9)])
-    fake.probe_rcode = rcode
-    problems = checks(fake).check_upstream(window(fake))
+    fake.probe_rcodes = [rcode] * 3
+    measured = window(fake)
+    problems = checks(fake).check_upstream(measured)
     assert len(problems) == 1
-    assert "dnscrypt-proxy got no upstream answer for the random name" in problems[0]
-    assert ("response code 2" if rcode == "2" else "got no answer") in problems[0]
+    assert "dnscrypt-proxy got no upstream answer for the random names" in problems[0]
+    seen = "response code 2" if rcode == "2" else "no answer"
+    assert "got {0}, {0}, {0})".format(seen) in problems[0]
+    for name in measured["upstream_probes"]:
+        assert name in problems[0]
+
+
+def test_probe_sends_distinct_random_names():
+    fake = CheckQubes(QUBES, [counters(0, 0, 7), counters(2, 0, 9)])
+    window(fake)
+    probe_stdin = [stdin for _, command, stdin in fake.runs if command.endswith("/probe-upstream")]
+    assert len(probe_stdin) == 1
+    names = probe_stdin[0].split()
+    assert len(names) == 3
+    assert len(set(names)) == 3
+    for name in names:
+        assert name.startswith("sysdns-probe-")
+        assert name.endswith(".www.lab.test")
+
+
+def test_probe_passes_after_one_failed_exchange():
+    fake = CheckQubes(QUBES, [counters(0, 0, 7), counters(2, 0, 9)])
+    fake.probe_rcodes = ["none", "0"]
+    measured = window(fake)
+    assert measured["upstream_rcodes"] == [None, 0]
+    assert measured["upstream_rcode"] == 0
+    assert checks(fake).check_upstream(measured) == []
+
+
+def test_probe_output_parsing_keeps_order():
+    module = load_salt_module("_modules/sysdns.py")
+    parsed = module.parse_probe_output({"stdout": "rcode 2\nrcode none\nnoise\nrcode 3\n"})
+    assert parsed == [2, None, 3]
+    assert module.upstream_rcode(parsed) == 3
+    assert module.upstream_rcode([2, None]) is None
+    assert module.upstream_rcode([]) is None
 
 
 def test_halted_sys_dns_raises():
