@@ -2,7 +2,7 @@
 Qubes' per-qube firewall (qvm-firewall) with the built formula, in the offline lab.
 
 A client's rules are enforced in its netvm, sys-firewall, before its packets reach
-sys-dns; sys-firewall resolves the host names of those rules with its own resolver,
+sys-dns. sys-firewall resolves the host names in those rules with its own resolver,
 which after the build is sys-dns. Each test checks that DNS still works where the
 rules allow it, fails closed where they do not, and that no plaintext port-53
 packet leaves sys-dns (the independent observer on sys-net's side of its link).
@@ -30,7 +30,7 @@ REJECTED = 113
 
 
 def unique_name():
-    """Return a *.lab.test name no cache holds; the lab's resolvers answer every one."""
+    """Return a *.lab.test name no cache holds; the lab's resolvers have records for all."""
     return f"fw{uuid.uuid4().hex[:12]}.lab.test"
 
 

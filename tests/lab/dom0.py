@@ -495,19 +495,24 @@ class Tools:
             epilog=FIREWALL_EPILOG,
             formatter_class=argparse.RawTextHelpFormatter,
         )
-        commands = parser.add_subparsers(dest="command", help="action to perform")
-        add_parser = commands.add_parser("add", help="add rule")
+        commands = parser.add_subparsers(dest="command", help="command (default: list)")
+        add_parser = commands.add_parser("add", help="append or insert a rule")
         add_parser.add_argument(
-            "--before", type=int, default=None, help="Add rule before rule with given number instead at the end"
+            "--before", type=int, default=None, help="insert the rule before rule number N instead of appending it"
         )
-        add_parser.add_argument("rule", metavar="match", nargs="+", help="rule description")
-        del_parser = commands.add_parser("del", help="remove rule")
+        add_parser.add_argument("rule", metavar="match", nargs="+", help="rule elements")
+        del_parser = commands.add_parser("del", help="delete a rule")
         del_parser.add_argument("--rule-no", dest="rule_no", type=int, help="rule number")
-        del_parser.add_argument("rule", metavar="match", nargs="*", help="rule to be removed")
-        commands.add_parser("list", help="list rules")
-        commands.add_parser("reset", help="remove all firewall rules and reset to default (accept all connections)")
-        parser.add_argument("--reload", "-r", action="store_true", help="force reload of rules even when unchanged")
-        parser.add_argument("--raw", action="store_true", help="output rules as raw strings, instead of nice table")
+        del_parser.add_argument("rule", metavar="match", nargs="*", help="elements of the rule to delete")
+        commands.add_parser("list", help="print the rules")
+        commands.add_parser("reset", help="replace all rules by the default rule, action=accept")
+        parser.add_argument(
+            "--reload",
+            "-r",
+            action="store_true",
+            help="with list: apply the rules again in the netvm (resolves host names again)",
+        )
+        parser.add_argument("--raw", action="store_true", help="print rules as NAME=VALUE lines instead of a table")
         args = parser.parse_args(argv)
 
         if args.command in (None, "list"):
@@ -1114,24 +1119,13 @@ def print_table(rows):
 # qvm-firewall, from qubesadmin/tools/qvm_firewall.py (v4.2.18)
 
 FIREWALL_EPILOG = """
-Rules can be given as positional arguments:
-    <action> [<dsthost> [<proto> [<dstports>|<icmptype>]]]
-
-And as keyword arguments:
-    action=<action> [specialtarget=dns] [dsthost=<dsthost>]
-    [proto=<proto>] [dstports=<dstports>] [icmptype=<icmptype>]
-    [expire=<expire>]
-
-Available matches:
-    action:        accept or drop
-    dst4, dst6     synonyms for dsthost
-    dsthost        IP, network or hostname
-    dstports       port or port range (tcp and udp only)
-    icmptype       icmp type number (icmp only)
-    proto          icmp, tcp or udp
-    specialtarget  only dns: the DNS servers of the qube
-    expire         seconds since 1970, or +seconds from now
-    comment        free text, last
+A rule is a list of elements, by position or as NAME=VALUE:
+    ACTION [DSTHOST [PROTO [DSTPORTS | ICMPTYPE]]]
+    action=accept|drop [dsthost=ADDRESS/PREFIX|HOSTNAME] [proto=tcp|udp|icmp]
+    [dstports=PORT|FIRST-LAST] [icmptype=NUMBER] [specialtarget=dns]
+    [expire=SECONDS_SINCE_1970|+SECONDS] [comment=TEXT]
+dst4= and dst6= are other names for dsthost=. dstports needs proto tcp or udp,
+icmptype needs proto icmp, and specialtarget=dns means the DNS servers of the qube.
 """
 
 

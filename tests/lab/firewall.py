@@ -48,17 +48,17 @@ class DstHost:
 
     def __init__(self, text):
         if text.count("/") > 1:
-            raise RuleError(f"Too many /: {text}")
+            raise RuleError(f"invalid destination {text!r}: more than one /")
         host, _, prefix = text.partition("/")
         if prefix and not prefix.isdigit():
-            raise RuleError(f"bad prefix length: {text}")
+            raise RuleError(f"invalid prefix length in {text!r}: expected a number after /")
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
             if prefix:
-                raise RuleError(f"Invalid IP address: {host}") from None
+                raise RuleError(f"invalid IP address {host!r} in {text!r}") from None
             if not text or not set(text) <= HOSTNAME_CHARACTERS:
-                raise RuleError(f"Invalid hostname: {text!r}") from None
+                raise RuleError(f"Invalid hostname {text!r}: use lowercase letters, digits, -, . and _") from None
             self.type = "dsthost"
             self.prefixlen = 0
             self.value = text
@@ -67,7 +67,7 @@ class DstHost:
         maximum = 128 if address.version == 6 else 32
         self.prefixlen = int(prefix) if prefix else maximum
         if self.prefixlen > maximum:
-            raise RuleError(f"netmask for IPv{address.version} must be <= {maximum}")
+            raise RuleError(f"invalid prefix length in {text!r}: the maximum for IPv{address.version} is {maximum}")
         self.value = f"{host}/{self.prefixlen}"
 
     def __str__(self):
@@ -80,12 +80,12 @@ class DstPorts:
     def __init__(self, text):
         parts = text.split("-")
         if len(parts) > 2 or not all(part.isdigit() for part in parts):
-            raise RuleError(f"Invalid port or port range: {text!r}")
+            raise RuleError(f"invalid port or port range {text!r}: expected PORT or FIRST-LAST")
         first, last = int(parts[0]), int(parts[-1])
         if first > 65536 or last > 65536:
-            raise RuleError("Ports out of range")
+            raise RuleError(f"port out of range in {text!r}: the maximum is 65536")
         if first > last:
-            raise RuleError("Invalid port range")
+            raise RuleError(f"invalid port range {text!r}: the first port is above the last")
         self.range = (first, last)
 
     def __str__(self):
@@ -107,9 +107,9 @@ class Rule:
             if value is not None:
                 self.elements[name] = self._parse(name, value)
         if elements:
-            raise RuleError(f"Unknown rule elements: {sorted(elements)}")
+            raise RuleError(f"unknown rule elements {sorted(elements)}")
         if "action" not in self.elements:
-            raise RuleError("missing action=")
+            raise RuleError("missing action=: every rule needs action=accept or action=drop")
         proto = self.elements.get("proto")
         # Rule.on_set_dstports and on_set_icmptype in qubes/firewall.py.
         if "dstports" in self.elements and proto not in ("tcp", "udp"):
@@ -132,14 +132,14 @@ class Rule:
             return DstPorts(value)
         if name == "icmptype":
             if not value.isdigit() or int(value) > 255:
-                raise RuleError(f"ICMP type out of range: {value!r}")
+                raise RuleError(f"invalid ICMP type {value!r}: expected a number from 0 to 255")
             return value
         if name == "expire":
             if not value.isdigit():
-                raise RuleError(f"bad expiration time: {value!r}")
+                raise RuleError(f"invalid expire {value!r}: expected seconds since 1970")
             return value
         if not set(value) <= COMMENT_CHARACTERS:
-            raise RuleError("strange characters comment")
+            raise RuleError(f"invalid comment {value!r}: use letters, digits, spaces and :;,./-_[]")
         return value
 
     @classmethod
@@ -156,9 +156,9 @@ class Rule:
             if key in ("dst4", "dst6", "dstname"):
                 key = "dsthost"
             if key in elements:
-                raise RuleError(f"Option '{key}' already set")
+                raise RuleError(f"rule element {key!r} given twice")
             if key not in API_ORDER:
-                raise RuleError(f"Unknown firewall option {key!r}")
+                raise RuleError(f"unknown rule element {key!r}")
             elements[key] = value
         return cls(**elements)
 
