@@ -239,7 +239,12 @@ def stored_rules(vm):
 
 
 def store_rules(vm, rules):
-    """Replace the rules of *vm* in the store (Firewall.save drops expired rules)."""
+    """Replace the rules of *vm* in the store (Firewall.save drops expired rules).
+
+    NOTE: Firewall.save also sets a timer that publishes the rules again when the
+    next one expires. The lab has no such timer, so an expired rule stays active
+    in the netvm until the qube's rules are next published.
+    """
     vm.data["firewall"] = [rule.api_rule for rule in rules if not rule.expired]
 
 
