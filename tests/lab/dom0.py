@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from . import qubesdb
+from . import firewall, qubesdb
 from .layout import RunLayout
 from .runtime import CommandError, Runtime
 from .store import (
@@ -485,6 +485,94 @@ class Tools:
             print_table([heads] + rows)
         return 0
 
+    # qvm-firewall
+
+    def qvm_firewall(self, argv):
+        """qvm-firewall of qubesadmin/tools/qvm_firewall.py (v4.2.18)."""
+        parser = QubesArgumentParser(
+            prog="qvm-firewall",
+            vmname_nargs=1,
+            epilog=FIREWALL_EPILOG,
+            formatter_class=argparse.RawTextHelpFormatter,
+        )
+        commands = parser.add_subparsers(dest="command", help="command (default: list)")
+        add_parser = commands.add_parser("add", help="append or insert a rule")
+        add_parser.add_argument(
+            "--before", type=int, default=None, help="insert the rule before rule number N instead of appending it"
+        )
+        add_parser.add_argument("rule", metavar="match", nargs="+", help="rule elements")
+        del_parser = commands.add_parser("del", help="delete a rule")
+        del_parser.add_argument("--rule-no", dest="rule_no", type=int, help="rule number")
+        del_parser.add_argument("rule", metavar="match", nargs="*", help="elements of the rule to delete")
+        commands.add_parser("list", help="print the rules")
+        commands.add_parser("reset", help="replace all rules by the default rule, action=accept")
+        parser.add_argument(
+            "--reload",
+            "-r",
+            action="store_true",
+            help="with list: apply the rules again in the netvm (resolves host names again)",
+        )
+        parser.add_argument("--raw", action="store_true", help="print rules as NAME=VALUE lines instead of a table")
+        args = parser.parse_args(argv)
+
+        if args.command in (None, "list"):
+            vm = parser.resolve_domains(args, self.store.read())[0]
+            rules = [rule for rule in self._firewall_rules(vm) if not rule.expired]
+            if args.raw:
+                for rule in rules:
+                    print(firewall.client_rule(rule))
+            else:
+                header = ["NO", "ACTION", "HOST", "PROTOCOL", "PORT(S)", "SPECIAL TARGET", "ICMP TYPE", "EXPIRE"]
+                header.append("COMMENT")
+                print_table([header] + [[str(number)] + firewall.client_row(rule) for number, rule in enumerate(rules)])
+            if args.reload:
+                self._publish_firewall(vm.name)
+            return 0
+
+        # Each command edits the rule list as qubesadmin received it (expired rules
+        # left out) and sends the whole list back (admin.vm.firewall.Set).
+        new_rule = None
+        if args.command != "reset" and args.rule:
+            new_rule = parse_rule_arguments(parser, args.rule)
+        with self.store.transaction() as app:
+            vm = parser.resolve_domains(args, app)[0]
+            rules = [rule for rule in self._firewall_rules(vm) if not rule.expired]
+            if args.command == "add":
+                if args.before is not None:
+                    rules.insert(args.before, new_rule)
+                else:
+                    rules.append(new_rule)
+            elif args.command == "del":
+                remove_rule(rules, args.rule_no, new_rule)
+            else:
+                rules = [firewall.Rule(action="accept")]
+            firewall.store_rules(vm, rules)
+        self._publish_firewall(vm.name)
+        return 0
+
+    @staticmethod
+    def _firewall_rules(vm):
+        if vm.klass == "AdminVM":
+            raise QubesError(f"{vm.name} has no firewall")
+        return firewall.stored_rules(vm)
+
+    def _publish_firewall(self, name):
+        """Write the client's rules to its netvm's QubesDB and tell its qubes-firewall.
+
+        The firewall-changed handler of NetVMMixin in qubes/vm/mix/net.py
+        (v4.2.39) does this only while the qube runs and has a netvm, and
+        reload_firewall_for_vm only while that netvm runs. Qubes' agent applies the
+        rules asynchronously from its QubesDB watch; the lab applies them before
+        qvm-firewall returns, so tests need not poll.
+        """
+        with self.store.transaction() as app:
+            vm = app.domain(name)
+            netvm = vm.get("netvm") if "netvm" in vm.property_defs() else None
+            if netvm is None or not app.is_running(vm.name) or not app.is_running(netvm.name):
+                return
+            qubesdb.write_tree(self.runtime.qubesdb_dir(netvm.name), qubesdb.qube_entries(app, netvm))
+        self.runtime.agent_event(self.store.read(), netvm.name, "firewall-changed")
+
     # qvm-create / qvm-clone / qvm-remove
 
     def qvm_create(self, argv):
@@ -606,6 +694,8 @@ class Tools:
                 vm.tags.append(tag)
         for feature, value in source.features.items():
             vm.features.set(feature, value)
+        # qubesadmin.app.QubesBase.clone_vm copies the firewall rules too.
+        firewall.copy_rules(source, vm)
         self._copy_volumes(source, vm, private)
         return vm
 
@@ -1026,6 +1116,82 @@ def print_table(rows):
         print("  ".join(cells).rstrip())
 
 
+# qvm-firewall, from qubesadmin/tools/qvm_firewall.py (v4.2.18)
+
+FIREWALL_EPILOG = """
+A rule is a list of elements, by position or as NAME=VALUE:
+    ACTION [DSTHOST [PROTO [DSTPORTS | ICMPTYPE]]]
+    action=accept|drop [dsthost=ADDRESS/PREFIX|HOSTNAME] [proto=tcp|udp|icmp]
+    [dstports=PORT|FIRST-LAST] [icmptype=NUMBER] [specialtarget=dns]
+    [expire=SECONDS_SINCE_1970|+SECONDS] [comment=TEXT]
+dst4= and dst6= are other names for dsthost=. dstports needs proto tcp or udp,
+icmptype needs proto icmp, and specialtarget=dns means the DNS servers of the qube.
+"""
+
+
+def parse_rule_arguments(parser, words):
+    """Return the Rule that qvm-firewall's RuleAction builds from *words*.
+
+    A malformed element is a usage error (exit 2), as RuleAction raises
+    argparse.ArgumentError. A value that qubesadmin's Rule rejects escapes
+    qvm-firewall v4.2.18 as an uncaught ValueError (a traceback, exit 1); the lab
+    prints its message and exits 1.
+    """
+    assumed_order = ["action", "dsthost", "proto", "dstports", "icmptype"]
+    allowed = assumed_order + ["specialtarget", "comment", "expire"]
+    elements = {}
+    for word in words:
+        if word.endswith("="):
+            parser.error(f"invalid rule description: {word}")
+        parts = word.split("=")
+        if len(parts) == 2:
+            key, value = parts
+        elif len(parts) == 1 and assumed_order:
+            key, value = assumed_order[0], word
+        elif len(parts) == 1:
+            parser.error_runtime(f"too many positional rule elements: {word!r}")
+        else:
+            parser.error(f"invalid rule description: {word}")
+        if key in ("dst4", "dst6"):
+            key = "dsthost"
+        if key not in allowed:
+            parser.error(f"Invalid rule element: {word}")
+        if key == "expire" and value.startswith("+"):
+            if not value[1:].isdigit():
+                parser.error_runtime(f"invalid expire value {value!r}: expected +SECONDS or seconds since 1970")
+            value = str(int(time.time()) + int(value[1:]))
+        elements[key] = value
+        if key in assumed_order:
+            assumed_order.remove(key)
+        if key == "proto" and value in ("tcp", "udp") and "icmptype" in assumed_order:
+            assumed_order.remove("icmptype")
+        elif key == "proto" and value == "icmp" and "dstports" in assumed_order:
+            assumed_order.remove("dstports")
+    try:
+        rule = firewall.Rule(**elements)
+        # save_rules sends qubesadmin's form of the rule; qubesd parses it again.
+        return firewall.Rule.from_api_string(firewall.client_rule(rule))
+    except firewall.RuleError as error:
+        parser.error_runtime(f"invalid rule {' '.join(words)!r}: {error}")
+
+
+def remove_rule(rules, number, rule):
+    """Remove rule *number*, or the rule equal to *rule*, as qvm-firewall del does."""
+    if number is not None:
+        if not -len(rules) <= number < len(rules):
+            raise QubesError(f"no rule number {number}: the qube has {len(rules)} rules, numbered from 0")
+        rules.pop(number)
+        return
+    if rule is None:
+        raise QubesError("del needs --rule-no N or the rule to remove")
+    wanted = firewall.client_rule(rule)
+    for index, candidate in enumerate(rules):
+        if firewall.client_rule(candidate) == wanted:
+            del rules[index]
+            return
+    raise QubesError(f"no rule {wanted!r} to remove: see qvm-firewall VM list")
+
+
 # qvm-ls columns, from qubesadmin/tools/qvm_ls.py
 
 LS_FORMATS = {
@@ -1175,6 +1341,7 @@ TOOLS = {
     "qvm-kill": Tools.qvm_kill,
     "qvm-check": Tools.qvm_check,
     "qvm-run": Tools.qvm_run,
+    "qvm-firewall": Tools.qvm_firewall,
 }
 
 

@@ -44,6 +44,7 @@ DOM0_TOOLS = (
     "qvm-kill",
     "qvm-check",
     "qvm-run",
+    "qvm-firewall",
     "qubes-prefs",
     "qubesctl",
 )

@@ -12,6 +12,7 @@ import base64
 import os
 from pathlib import Path
 
+from . import firewall
 from .store import format_value
 
 # r3compatibility.py maps these features to legacy service names.
@@ -126,13 +127,17 @@ def netvm_entries(app, netvm):
             entries[base + "/visible-ip"] = _text(client.get("visible_ip"))
         if client.get("visible_gateway"):
             entries[base + "/visible-gateway"] = _text(client.get("visible_gateway"))
-        # Firewall.qdb_entries in qubes/firewall.py: policy is always "drop" and
-        # a qube without qvm-firewall rules has the single default rule "accept".
-        # NOTE: the lab has no qvm-firewall, so every client gets that default.
-        for address in (client.get("ip"), client.get("ip6")):
-            if address:
-                entries[f"/qubes-firewall/{address}/policy"] = "drop"
-                entries[f"/qubes-firewall/{address}/0000"] = "action=accept"
+        # NetVMMixin.reload_firewall_for_vm in qubes/vm/mix/net.py: the client's
+        # qvm-firewall rules under each of its addresses, one family each. The empty
+        # key /qubes-firewall/<address> that Qubes writes last, to wake the watch of
+        # qubes-firewall, is left out: a key of the lab's file tree cannot also be a
+        # folder, and dom0 sends the agent the event firewall-changed instead.
+        rules = firewall.stored_rules(client)
+        for family, address in ((4, client.get("ip")), (6, client.get("ip6"))):
+            if not address:
+                continue
+            for key, value in firewall.qdb_entries(rules, family).items():
+                entries[f"/qubes-firewall/{address}/{key}"] = value
     return entries
 
 

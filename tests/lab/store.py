@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from . import firewall
+
 STORE_VERSION = 1
 
 ADMIN_CLASS = "AdminVM"
@@ -1053,6 +1055,9 @@ class Qubes:
                 props["template"] = template
             if klass == "DispVM":
                 props["dispid"] = self.new_dispid()
+                # DispVM.__init__ in qubes/vm/dispvm.py clones the firewall of its
+                # disposable template.
+                firewall.copy_rules(self.domain(template), vm)
         except QubesError:
             del self.data["qubes"][name]
             raise
