@@ -356,8 +356,10 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
         if qube is None:
             __salt__["sysdns_qvm.create"](name, klass, template, label)
         elif "template" in pref_changes and qube["state"] != "Halted":
-            # Qubes refuses a new template for a running qube.
-            __salt__["sysdns_qvm.shutdown"](name)
+            # Qubes refuses a new template for a running qube, and refuses to shut down
+            # a netvm whose downstream qubes run unless forced; it attaches them again
+            # when the qube starts (the running state starts it right after).
+            __salt__["sysdns_qvm.shutdown"](name, force=True)
         for prop, change in sorted(pref_changes.items()):
             __salt__["sysdns_qvm.set_pref"](name, prop, change["new"])
         for feature, change in feature_changes.items():

@@ -143,3 +143,30 @@ def test_build_disposable_sys_dns(fresh_lab):
     code, again, output = apply_sls(lab, BUILD)
     assert code == 0, output
     assert changes_by_state(again) == {}
+
+
+def test_template_change_on_running_sys_dns(fresh_lab):
+    """A new template for a running sys-dns, whose downstream qubes run, applies in one build."""
+    lab = fresh_lab()
+    lab.write_pillar("sysdns", lab_pillar(lab))
+    code, _, output = apply_sls(lab, BUILD)
+    assert code == 0, output
+    assert lab.qvm("qvm-check", "--running", "sys-firewall").returncode == 0
+
+    lab.write_pillar("sysdns", lab_pillar(lab, template={"source": "debian-13-minimal", "name": "tpl-sys-dns-13"}))
+    code, applied, output = apply_sls(lab, BUILD)
+    assert applied is not None, output
+    assert failed_states(applied) == {}
+    assert code == 0
+    assert lab.qvm("qvm-prefs", "sys-dns", "template").stdout.strip() == "tpl-sys-dns-13"
+    assert lab.qvm("qvm-check", "--running", "sys-dns").returncode == 0
+    assert lab.qvm("qvm-prefs", "sys-firewall", "netvm").stdout.strip() == "sys-dns"
+
+    code, checks, output = apply_sls(lab, "qubes.tests.sys-dns")
+    assert checks is not None, output
+    assert failed_states(checks) == {}
+    assert code == 0
+
+    code, again, output = apply_sls(lab, BUILD)
+    assert code == 0, output
+    assert changes_by_state(again) == {}

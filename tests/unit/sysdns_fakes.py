@@ -131,7 +131,20 @@ class FakeQubes:
         self._change("start", name)
         self.qubes[name]["state"] = "Running"
 
-    def shutdown(self, name, timeout=120):
+    def shutdown(self, name, timeout=120, force=False):
+        # qvm-shutdown refuses a netvm whose downstream qubes run, unless --force.
+        connected = sorted(
+            other
+            for other, record in self.qubes.items()
+            if record.get("netvm") == name and record.get("state") != "Halted"
+        )
+        if connected and not force:
+            from salt.exceptions import CommandExecutionError
+
+            raise CommandExecutionError(
+                "command qvm-shutdown --wait {} failed with exit code 1: there are other qubes"
+                " connected to this qube: {}".format(name, ", ".join(connected))
+            )
         self._change("shutdown", name)
         self.qubes[name]["state"] = "Halted"
 
