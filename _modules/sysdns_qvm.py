@@ -211,6 +211,43 @@ def get_pref(name, prop, refresh=False):
     return __context__[key]
 
 
+def parse_qvm_prefs(output):
+    """
+    Parse the table that ``qvm-prefs QUBE`` prints into ``{property: is_default}``.
+
+    Each row is the name, "D" for a property at its default or "-" for a value set on
+    the qube, then the value. A property without a value shows only "U"
+    (qubesadmin/tools/qvm_prefs.py, qubes-core-admin-client 4.2 and 4.3).
+    """
+    defaults = {}
+    for line in output.splitlines():
+        words = line.split(None, 2)
+        if len(words) >= 2 and words[1] in ("D", "-"):
+            defaults[words[0]] = words[1] == "D"
+    return defaults
+
+
+def pref_is_default(name, prop, refresh=False):
+    """
+    Return True when a property of a qube follows its default, e.g. a netvm that
+    follows the global ``default_netvm``.
+
+    Reads the whole ``qvm-prefs QUBE`` table in one call, because Qubes 4.2's
+    qvm-prefs shows whether one property is at its default only there.
+
+    name
+        Qube name.
+    prop
+        Property name, e.g. ``netvm``.
+    """
+    key = "sysdns_qvm.prefs_default." + name
+    if refresh or key not in __context__:
+        __context__[key] = parse_qvm_prefs(_call(["qvm-prefs", name])["stdout"])
+    if prop not in __context__[key]:
+        raise CommandExecutionError("qvm-prefs {} printed no value for the property {}".format(name, prop))
+    return __context__[key][prop]
+
+
 def format_pref(value):
     """Format a property value the way qvm-prefs takes it on its command line."""
     if isinstance(value, bool):
@@ -234,6 +271,21 @@ def set_pref(name, prop, value):
     argv = ["qvm-prefs", name, prop, format_pref(value)]
     _call(argv)
     log.info("sysdns_qvm: set %s of qube %s to %r", prop, name, value)
+    _forget()
+
+
+def reset_pref(name, prop):
+    """
+    Reset one property of a qube to its default with ``qvm-prefs --default``, so that
+    it follows the default again (for netvm: the global ``default_netvm``).
+
+    name
+        Qube name.
+    prop
+        Property name, e.g. ``netvm``.
+    """
+    _call(["qvm-prefs", "--default", name, prop])
+    log.info("sysdns_qvm: reset %s of qube %s to its default", prop, name)
     _forget()
 
 

@@ -21,6 +21,11 @@ __virtualname__ = "sysdns"
 TEMPLATE_FEATURE = "sysdns.template"
 CONFIG_FEATURE = "sysdns.config"
 PREVIOUS_NETVM_FEATURE = "sysdns.previous-netvm"
+# Value of PREVIOUS_NETVM_FEATURE for a netvm that followed the global default_netvm.
+# Qubes rejects "default" and "none" as qube names (validate_name in
+# qubes/vm/__init__.py, qubes-core-admin 4.2), so the value never collides with a
+# recorded name. Records written before this value existed contain a name, or "" for none.
+DEFAULT_NETVM = "default"
 
 HELPER_DIR = "/usr/lib/sysdns"
 
@@ -558,8 +563,9 @@ def _whonix_reason(qube_name):
 def netvm(name, netvm):
     """
     Ensure a qube uses ``netvm`` as its netvm, recording the previous one in the
-    feature ``sysdns.previous-netvm`` for the rollback. Whonix qubes are refused: they
-    keep their Tor chain.
+    feature ``sysdns.previous-netvm`` for the rollback: its name, an empty value for
+    no netvm, or ``default`` when it followed the global ``default_netvm``. Whonix
+    qubes are refused: they keep their Tor chain.
 
     name
         Qube to rewire, e.g. ``sys-firewall``.
@@ -585,7 +591,11 @@ def netvm(name, netvm):
         changes = {"netvm": {"old": qube["netvm"], "new": netvm}}
         recorded = __salt__["sysdns_qvm.features"](name).get(PREVIOUS_NETVM_FEATURE)
         if recorded is None:
-            changes["features"] = {PREVIOUS_NETVM_FEATURE: {"old": None, "new": qube["netvm"] or ""}}
+            if __salt__["sysdns_qvm.pref_is_default"](name, "netvm"):
+                previous = DEFAULT_NETVM
+            else:
+                previous = qube["netvm"] or ""
+            changes["features"] = {PREVIOUS_NETVM_FEATURE: {"old": None, "new": previous}}
         ret["changes"] = changes
         if __opts__["test"]:
             ret["result"] = None
@@ -593,7 +603,7 @@ def netvm(name, netvm):
             return ret
 
         if recorded is None:
-            __salt__["sysdns_qvm.set_feature"](name, PREVIOUS_NETVM_FEATURE, qube["netvm"] or "")
+            __salt__["sysdns_qvm.set_feature"](name, PREVIOUS_NETVM_FEATURE, previous)
         __salt__["sysdns_qvm.set_pref"](name, "netvm", netvm)
         ret["comment"] = "Netvm of {} has been set to {}".format(name, netvm)
     except (CommandExecutionError, SaltInvocationError) as exc:
@@ -621,15 +631,16 @@ def _restore_plan(name, qubes):
         if recorded is None:
             continue
         previous = recorded or None
-        if previous is not None and __salt__["sysdns_qvm.get_qube"](previous) is None:
+        if previous not in (None, DEFAULT_NETVM) and __salt__["sysdns_qvm.get_qube"](previous) is None:
             raise CommandExecutionError(
                 "qube {} was routed through {} from {}, which no longer exists: set its "
                 "netvm yourself (qvm-prefs {} netvm QUBE) and unset the record "
                 "(qvm-features --unset {} {})".format(client, name, previous, client, client, PREVIOUS_NETVM_FEATURE)
             )
         changes = {}
-        # A netvm changed by hand after the build is the user's choice and stays.
-        if row.get("netvm") == name:
+        # A netvm changed by hand after the build is the user's choice and stays. The
+        # build sets the netvm explicitly, so one at its default was reset by hand.
+        if row.get("netvm") == name and not __salt__["sysdns_qvm.pref_is_default"](client, "netvm"):
             changes["netvm"] = {"old": name, "new": previous}
         changes["features"] = {PREVIOUS_NETVM_FEATURE: {"old": recorded, "new": None}}
         plan[client] = changes
@@ -640,16 +651,15 @@ def netvm_restored(name, qubes=None):
     """
     Ensure no qube stays routed through ``name`` by the formula: every qube that
     carries the feature ``sysdns.previous-netvm`` gets that netvm back (an empty value
-    means no netvm), and the feature is unset.
+    means no netvm, ``default`` resets the netvm to follow the global
+    ``default_netvm`` again, with ``qvm-prefs --default``), and the feature is unset.
 
     The qubes looked at are those in ``qubes`` and every qube whose netvm is ``name``
-    in the one qvm-ls listing. Each of them costs one qvm-features read. A qube whose
-    netvm was changed to something other than ``name`` after the build keeps that
-    netvm and only loses the feature. A qube routed through ``name`` without the
-    feature was wired by hand and is left alone.
-
-    NOTE: the feature stores the previous value, not whether the property was at its
-    default (the global default_netvm), so a restored netvm is set explicitly.
+    in the one qvm-ls listing. Each of them costs one qvm-features read, and each that
+    still uses ``name`` one qvm-prefs read. A qube whose netvm was changed by hand
+    after the build (to another qube, or reset to its default) keeps that netvm and
+    only loses the feature. A qube routed through ``name`` without the feature was
+    wired by hand and is left alone.
 
     name
         The qube the build routed them through, e.g. ``sys-dns``.
@@ -677,7 +687,9 @@ def netvm_restored(name, qubes=None):
 
         for client, changes in sorted(plan.items()):
             # The netvm goes first, so that a failure leaves the record in place.
-            if "netvm" in changes:
+            if "netvm" in changes and changes["netvm"]["new"] == DEFAULT_NETVM:
+                __salt__["sysdns_qvm.reset_pref"](client, "netvm")
+            elif "netvm" in changes:
                 __salt__["sysdns_qvm.set_pref"](client, "netvm", changes["netvm"]["new"])
             __salt__["sysdns_qvm.set_feature"](client, PREVIOUS_NETVM_FEATURE, None)
         ret["comment"] = "Previous netvm of {} has been restored".format(", ".join(sorted(plan)))

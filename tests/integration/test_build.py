@@ -43,7 +43,9 @@ def mutating(calls):
         tool = argv[0]
         if tool in MUTATING_TOOLS:
             found.append(argv)
-        elif tool == "qvm-prefs" and len([arg for arg in argv[1:] if not arg.startswith("-")]) > 2:
+        elif tool == "qvm-prefs" and (
+            len([arg for arg in argv[1:] if not arg.startswith("-")]) > 2 or {"--default", "-D"} & set(argv)
+        ):
             found.append(argv)
         elif tool == "qvm-features" and (
             len([arg for arg in argv[1:] if not arg.startswith("-")]) > 2 or "--unset" in argv

@@ -1,6 +1,7 @@
 """
 The rollback in the lab. From a fresh estate, a build and a rollback that removes
-the formula's qubes leave every qube's properties and features as they were. A
+the formula's qubes leave every qube's properties and features as they were,
+including whether a netvm follows the global default_netvm. A
 second rollback changes nothing, a test run of the rollback on a built estate
 changes nothing and predicts the real run, and a new build afterwards passes the
 tests SLS.
@@ -49,15 +50,22 @@ def apply_ok(lab, sls, *extra):
 @pytest.mark.parametrize("klass, removed", [("AppVM", 3), ("DispVM", 4)])
 def test_rollback_restores_estate(fresh_lab, klass, removed):
     lab = fresh_lab()
-    lab.write_pillar("sysdns", lab_pillar(lab, qube={"class": klass}, rollback={"remove_qubes": True}))
+    # sys-firewall has its netvm set explicitly; personal follows default_netvm.
+    pillar = lab_pillar(
+        lab, qube={"class": klass}, rollback={"remove_qubes": True}, rewire=["sys-firewall", "personal"]
+    )
+    lab.write_pillar("sysdns", pillar)
     before = estate(lab)
     assert not any(name.startswith(FORMULA_QUBES) for name in before["qubes"])
     assert "netvm - sys-net" in before["prefs:sys-firewall"]
+    assert "netvm D sys-firewall" in before["prefs:personal"]
 
     apply_ok(lab, BUILD)
     built = estate(lab)
     assert built != before
     assert lab.qvm("qvm-features", "sys-firewall", "sysdns.previous-netvm").stdout.strip() == "sys-net"
+    assert lab.qvm("qvm-features", "personal", "sysdns.previous-netvm").stdout.strip() == "default"
+    assert "netvm - sys-dns" in built["prefs:personal"]
 
     # A test run changes nothing and predicts the real run state by state.
     calls_before = len(lab.calls())
@@ -70,7 +78,11 @@ def test_rollback_restores_estate(fresh_lab, klass, removed):
 
     applied = apply_ok(lab, ROLLBACK)
     assert changes_by_state(applied) == changes_by_state(predicted)
-    assert estate(lab) == before
+    reset = [argv for argv in dom0_calls(lab, calls_before) if argv[0] == "qvm-prefs" and "--default" in argv]
+    assert reset == [["qvm-prefs", "--default", "personal", "netvm"]]
+    after = estate(lab)
+    assert after["prefs:personal"] == before["prefs:personal"]
+    assert after == before
 
     # A second rollback finds nothing to do and changes nothing.
     calls_before = len(lab.calls())

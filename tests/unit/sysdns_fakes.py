@@ -53,9 +53,11 @@ def qube(name, klass="AppVM", state="Halted", **props):
 class FakeQubes:
     """Qubes and their features, with the sysdns_qvm functions the states call."""
 
-    def __init__(self, qubes=(), features=None):
+    def __init__(self, qubes=(), features=None, defaults=None):
         self.qubes = {record["name"]: copy.deepcopy(record) for record in qubes}
         self.features_of = copy.deepcopy(features or {})
+        # Properties that follow their default, per qube (the "D" rows of qvm-prefs).
+        self.defaults = {name: set(props) for name, props in (defaults or {}).items()}
         self.changes = []
         self.runs = []
         # Files in /rw/config/sysdns of running qubes, and the reported service state.
@@ -79,6 +81,10 @@ class FakeQubes:
     def get_pref(self, name, prop, refresh=False):
         self._require(name)
         return self.qubes[name].get(prop)
+
+    def pref_is_default(self, name, prop, refresh=False):
+        self._require(name)
+        return prop in self.defaults.get(name, set())
 
     def is_running(self, name, refresh=False):
         return name in self.qubes and self.qubes[name]["state"] == "Running"
@@ -105,6 +111,14 @@ class FakeQubes:
     def set_pref(self, name, prop, value):
         self._change("set_pref", name, prop, value)
         self.qubes[name][prop] = value
+        self.defaults.get(name, set()).discard(prop)
+
+    def reset_pref(self, name, prop):
+        # Only netvm is reset by the states; its default is the global default_netvm.
+        assert prop == "netvm", prop
+        self._change("reset_pref", name, prop)
+        self.qubes[name][prop] = self.global_prefs.get("default_netvm")
+        self.defaults.setdefault(name, set()).add(prop)
 
     def set_feature(self, name, feature, value):
         self._change("set_feature", name, feature, value)
@@ -219,7 +233,8 @@ class FakeQubes:
     def salt_functions(self):
         """Return a __salt__ dict that routes sysdns_qvm.* to this fake."""
         names = (
-            "list_qubes get_qube get_pref is_running features json_feature set_pref set_feature "
+            "list_qubes get_qube get_pref pref_is_default is_running features json_feature set_pref reset_pref "
+            "set_feature "
             "set_json_feature create clone start shutdown restart pack_files run dependents remove"
         ).split()
         functions = {"sysdns_qvm." + name: getattr(self, name) for name in names}

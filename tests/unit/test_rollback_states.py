@@ -7,14 +7,23 @@ import pytest
 
 from tests.unit.sysdns_fakes import FakeQubes, load_salt_module, qube, qvm_module
 from tests.unit.test_sls_render import salt_env  # noqa: F401 (pytest fixture)
-from tests.unit.test_states import BASE_QUBES, CONFIG, FILES, LINKS, PACKAGES, build_sequence, states
+from tests.unit.test_states import (
+    BASE_DEFAULTS,
+    BASE_QUBES,
+    CONFIG,
+    FILES,
+    LINKS,
+    PACKAGES,
+    build_sequence,
+    states,
+)
 
 PREVIOUS = "sysdns.previous-netvm"
 
 
 @pytest.fixture
 def fake():
-    return FakeQubes(BASE_QUBES)
+    return FakeQubes(BASE_QUBES, defaults=BASE_DEFAULTS)
 
 
 @pytest.fixture
@@ -40,9 +49,13 @@ def rollback_sequence(module, qubes=("sys-firewall",), disposable=None, clone=Tr
 
 
 def snapshot(fake):
-    """Return the qubes and their features; a qube without features has none listed."""
+    """
+    Return the qubes, their features and the properties that follow their default; a
+    qube without features or defaults has none listed.
+    """
     features = {name: dict(values) for name, values in fake.features_of.items() if values}
-    return copy.deepcopy(fake.qubes), features
+    defaults = {name: set(props) for name, props in fake.defaults.items() if props}
+    return copy.deepcopy(fake.qubes), features, defaults
 
 
 def test_netvm_restored_restores_and_unsets(built):
@@ -89,6 +102,94 @@ def test_netvm_restored_finds_qubes_outside_pillar(built):
     assert set(ret["changes"]) == {"personal", "sys-firewall"}
     assert built.qubes["personal"]["netvm"] == "sys-firewall"
     assert built.qubes["sys-firewall"]["netvm"] == "sys-net"
+
+
+def test_netvm_restored_resets_default_netvm(built):
+    assert states(built).netvm("personal", "sys-dns")["result"] is True
+    assert built.features_of["personal"][PREVIOUS] == "default"
+    built.changes.clear()
+
+    ret = states(built).netvm_restored("sys-dns", qubes=["personal"])
+
+    assert ret["result"] is True, ret["comment"]
+    assert ret["changes"]["personal"] == {
+        "netvm": {"old": "sys-dns", "new": "default"},
+        "features": {PREVIOUS: {"old": "default", "new": None}},
+    }
+    assert ("reset_pref", "personal", "netvm") in built.changes
+    assert not any(change[:2] == ("set_pref", "personal") for change in built.changes)
+    assert built.qubes["personal"]["netvm"] == "sys-firewall"
+    assert built.pref_is_default("personal", "netvm")
+
+
+def test_netvm_restored_default_follows_new_default(built):
+    # The netvm follows default_netvm as it is at rollback time, not as it was.
+    states(built).netvm("personal", "sys-dns")
+    built.global_prefs["default_netvm"] = "sys-net"
+
+    states(built).netvm_restored("sys-dns", qubes=["personal"])
+
+    assert built.qubes["personal"]["netvm"] == "sys-net"
+    assert built.pref_is_default("personal", "netvm")
+
+
+def test_netvm_restored_default_test_mode(built):
+    states(built).netvm("personal", "sys-dns")
+    built.changes.clear()
+    before = snapshot(built)
+
+    predicted = states(built, test=True).netvm_restored("sys-dns", qubes=["personal"])
+
+    assert predicted["result"] is None
+    assert built.changes == []
+    assert snapshot(built) == before
+    applied = states(built).netvm_restored("sys-dns", qubes=["personal"])
+    assert applied["changes"] == predicted["changes"]
+
+
+def test_netvm_restored_keeps_netvm_reset_by_hand(built):
+    # A netvm reset to its default by hand, while default_netvm is sys-dns, is the
+    # user's choice: the rollback only unsets the record.
+    states(built).netvm("personal", "sys-dns")
+    built.global_prefs["default_netvm"] = "sys-dns"
+    built.reset_pref("personal", "netvm")
+    built.changes.clear()
+
+    ret = states(built).netvm_restored("sys-dns", qubes=["personal"])
+
+    assert ret["changes"]["personal"] == {"features": {PREVIOUS: {"old": "default", "new": None}}}
+    assert [change for change in built.changes if change[1] == "personal"] == [
+        ("set_feature", "personal", PREVIOUS, None)
+    ]
+    assert built.qubes["personal"]["netvm"] == "sys-dns"
+
+
+def test_netvm_restored_old_record_format(fake):
+    # A record written before "default" existed holds the netvm's name: it is set
+    # explicitly, as that record cannot tell whether it was the default.
+    fake.qubes["sys-dns"] = qube("sys-dns", provides_network=True)
+    fake.qubes["personal"]["netvm"] = "sys-dns"
+    fake.defaults["personal"].discard("netvm")
+    fake.features_of["personal"] = {PREVIOUS: "sys-firewall"}
+
+    ret = states(fake).netvm_restored("sys-dns")
+
+    assert ret["changes"]["personal"]["netvm"] == {"old": "sys-dns", "new": "sys-firewall"}
+    assert fake.changes[0] == ("set_pref", "personal", "netvm", "sys-firewall")
+    assert not fake.pref_is_default("personal", "netvm")
+
+
+def test_rollback_restores_default_netvm_estate(fake):
+    before = snapshot(fake)
+    module = states(fake)
+    build_sequence(module)
+    assert module.netvm("personal", "sys-dns")["result"] is True
+    assert not fake.pref_is_default("personal", "netvm")
+
+    results = rollback_sequence(states(fake), qubes=("sys-firewall", "personal"))
+
+    assert all(ret["result"] is True for ret in results), results
+    assert snapshot(fake) == before
 
 
 def test_netvm_restored_empty_record_means_no_netvm(fake):
@@ -393,6 +494,37 @@ def test_qvm_parse_qubes_prefs():
         "stats_interval": "3",
         "empty": None,
     }
+
+
+def test_qvm_reset_pref_argv():
+    module, recorder = qvm({})
+
+    module.reset_pref("personal", "netvm")
+
+    assert recorder.calls == [["qvm-prefs", "--default", "personal", "netvm"]]
+
+
+def test_qvm_pref_is_default_reads_table_once():
+    # Rows as qubesadmin/tools/qvm_prefs.py prints them: name, D or -, value; U alone.
+    table = "label     -  yellow\nmemory    D  400\nnetvm     D  sys-firewall\nstart_time  U\n"
+    module, recorder = qvm({"qvm-prefs": (0, table)})
+
+    assert module.pref_is_default("personal", "netvm") is True
+    assert module.pref_is_default("personal", "label") is False
+    assert recorder.calls == [["qvm-prefs", "personal"]]
+
+
+def test_qvm_pref_is_default_explicit_none():
+    module, recorder = qvm({"qvm-prefs": (0, "netvm  -  None\n")})
+
+    assert module.pref_is_default("offline", "netvm") is False
+
+
+def test_qvm_pref_is_default_missing_row_raises():
+    module, recorder = qvm({"qvm-prefs": (0, "start_time  U\n")})
+
+    with pytest.raises(qvm_module.CommandExecutionError, match="printed no value for the property netvm"):
+        module.pref_is_default("personal", "netvm")
 
 
 def _rollback_states(run, pillar):

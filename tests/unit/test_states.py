@@ -22,6 +22,9 @@ BASE_QUBES = [
     qube("sys-whonix", "AppVM", "Running", netvm="sys-firewall", template="whonix-gateway-17", provides_network=True),
 ]
 
+# personal follows the global default_netvm (sys-firewall), as on a fresh Qubes install.
+BASE_DEFAULTS = {"personal": {"netvm"}}
+
 PACKAGES = ["dnscrypt-proxy", "nftables"]
 FILES = {"/etc/systemd/system/dnscrypt-proxy.service": {"content": "[Unit]\n", "mode": "0644"}}
 LINKS = {"/etc/systemd/system/dnscrypt-proxy.socket": "/dev/null"}
@@ -31,7 +34,7 @@ CONFIG = {"dnscrypt-proxy.toml": "listen_addresses = []\n", "sysdns.nft": "table
 
 @pytest.fixture
 def fake():
-    return FakeQubes(BASE_QUBES)
+    return FakeQubes(BASE_QUBES, defaults=BASE_DEFAULTS)
 
 
 def states(fake, test=False):
@@ -260,6 +263,27 @@ def test_netvm_records_previous_once(fake):
     ret = states(fake).netvm("sys-firewall", "sys-dns")
     assert "features" not in ret["changes"]
     assert fake.features_of["sys-firewall"]["sysdns.previous-netvm"] == "sys-net"
+
+
+def test_netvm_records_default_netvm(fake):
+    fake.qubes["sys-dns"] = qube("sys-dns", state="Running", netvm="sys-net", provides_network=True)
+
+    ret = states(fake).netvm("personal", "sys-dns")
+
+    assert ret["changes"]["features"] == {"sysdns.previous-netvm": {"old": None, "new": "default"}}
+    assert fake.features_of["personal"]["sysdns.previous-netvm"] == "default"
+    assert fake.qubes["personal"]["netvm"] == "sys-dns"
+    assert not fake.pref_is_default("personal", "netvm")
+
+
+def test_netvm_records_default_test_mode(fake):
+    fake.qubes["sys-dns"] = qube("sys-dns", state="Running", netvm="sys-net", provides_network=True)
+
+    predicted = states(fake, test=True).netvm("personal", "sys-dns")
+
+    assert predicted["result"] is None
+    assert fake.changes == []
+    assert states(fake).netvm("personal", "sys-dns")["changes"] == predicted["changes"]
 
 
 def test_netvm_missing_qube(fake):
