@@ -248,13 +248,18 @@ def _process_name(users):
 def log_facts(lines, now, window=LOG_WINDOW_S):
     """
     Summarize dnscrypt-proxy's journal lines ``[(epoch, message)]``: refusals for
-    max_clients within ``window`` seconds before ``now``, the live-server count of the
-    last refresh, the servers reported OK since the last start, and severe messages.
+    max_clients since its last start and within ``window`` seconds before ``now``, the
+    live-server count of the last refresh, the servers reported OK since the last
+    start, and severe messages.
     """
     facts = {"too_many": 0, "max_clients": None, "live_servers": None, "servers_ok": set(), "severe": []}
     for stamp, message in lines:
         if message.startswith("Started dnscrypt-proxy") or STARTED_RE.search(message):
+            # A restart (a new configuration, perhaps a larger max_clients) makes the
+            # earlier refusals and server results history.
             facts["servers_ok"] = set()
+            facts["too_many"] = 0
+            facts["max_clients"] = None
         match = TOO_MANY_CLIENTS_RE.search(message)
         if match and now - stamp <= window:
             facts["too_many"] += 1

@@ -59,6 +59,16 @@ def diagnose(lab):
     return result.returncode, data, {item["check"]: item for item in data["findings"]}
 
 
+def dom0_calls(lab, since):
+    return [call["argv"] for call in lab.calls(since) if call["argv"][0] != "qubesctl"]
+
+
+def changing(calls):
+    """Return the dom0 calls that start, stop or change a qube."""
+    tools = ("qvm-start", "qvm-shutdown", "qvm-kill", "qvm-create", "qvm-clone", "qvm-remove")
+    return [argv for argv in calls if argv[0] in tools or (argv[0] == "qvm-prefs" and len(argv) > 3)]
+
+
 def failing(findings):
     return {check for check, item in findings.items() if item["status"] == "fail"}
 
@@ -80,8 +90,13 @@ def restart_dnscrypt_proxy(lab):
 
 
 def test_diagnose_healthy_build_all_ok(built_lab):
+    calls_before = len(built_lab.calls())
     code, data, findings = diagnose(built_lab)
+    calls = dom0_calls(built_lab, calls_before)
     assert code == 0, data["summary"]
+    assert changing(calls) == []
+    assert len([argv for argv in calls if argv[0] == "qvm-run" and "/usr/lib/sysdns/diagnose" in argv]) == 1
+    assert len([argv for argv in calls if argv[0] == "qvm-ls"]) == 2
     assert data["result"] is True
     for check, item in findings.items():
         assert item["status"] == "ok", (check, item)
@@ -232,8 +247,10 @@ def test_diagnose_names_bypassing_client(built_lab):
 def test_diagnose_names_halted_sys_dns(built_lab):
     lab = built_lab
     lab.qvm("qvm-shutdown", "--wait", "--force", "sys-dns", check=True)
+    calls_before = len(lab.calls())
     try:
         code, data, findings = diagnose(lab)
+        calls = dom0_calls(lab, calls_before)
         state = lab.qvm("qvm-ls", "--raw-data", "--fields", "name,state", check=True).stdout
     finally:
         lab.qvm("qvm-start", "sys-dns", check=True)
@@ -241,6 +258,8 @@ def test_diagnose_names_halted_sys_dns(built_lab):
     assert code != 0
     assert failing(findings) == {"qube sys-dns"}, data["summary"]
     assert "sys-dns|Halted" in state.splitlines()
+    assert changing(calls) == []
+    assert [argv for argv in calls if argv[0] == "qvm-run"] == []
     assert findings["qube sys-dns"]["fix"] == "qvm-start sys-dns"
     assert "does not start it" in findings["qube sys-dns"]["detail"]
     assert {item["status"] for check, item in findings.items() if check in TESTS_SLS_CHECKS} == {"skip"}

@@ -176,6 +176,17 @@ def test_log_counts_recent_refusals_only():
     assert logs["max_clients"] == 2
 
 
+def test_log_forgets_refusals_before_restart():
+    lines = [
+        (NOW - 60, "[WARNING] Too many incoming connections (max=2)"),
+        (NOW - 50, "Started dnscrypt-proxy.service - DNSCrypt client proxy"),
+        (NOW - 49, "[NOTICE] dnscrypt-proxy 2.1.8"),
+    ]
+    logs = diagnose_module.log_facts(lines, NOW)
+    assert logs["too_many"] == 0
+    assert logs["max_clients"] is None
+
+
 def test_log_resets_servers_at_restart():
     lines = [
         (NOW - 50, "[NOTICE] [lab-dnscrypt] OK (DNSCrypt) - rtt: 1ms"),
