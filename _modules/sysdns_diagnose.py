@@ -387,7 +387,13 @@ def classify_bypass(bypass, qube, rewired):
 def classify_service(report, logs, qube):
     service = report["service"]
     if service is None:
-        return finding("dnscrypt-proxy", FAIL, "no service state in the report", "the report was cut short", "")
+        return finding(
+            "dnscrypt-proxy",
+            FAIL,
+            "no service state in the report",
+            "the report was cut short",
+            "run the diagnosis again; if it persists, re-apply qubes.network.sys-dns to reinstall " + DIAGNOSE_COMMAND,
+        )
     state = f"{service['active']} ({service['sub']}), {service['restarts']} restarts"
     if service["active"] == "active":
         return finding("dnscrypt-proxy", OK, "dnscrypt-proxy.service is " + state)

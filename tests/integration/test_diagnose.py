@@ -168,7 +168,7 @@ def test_diagnose_names_blocked_upstream(built_lab):
         lab.exec("sys-net", UPSTREAM_UNBLOCK, check=True)
     assert code != 0
     assert "upstream" in failing(findings), data["summary"]
-    # Clients fail too when no cache holds the test names (dnscrypt-proxy restarted).
+    # Clients fail too when the test names are not cached (dnscrypt-proxy restarted).
     assert failing(findings) <= {"upstream", "encrypted upstream sessions", "clients resolve"}, data["summary"]
     assert findings["upstream"]["cause"].startswith("no upstream reachable")
     assert findings["encrypted upstream sessions"]["cause"] == findings["upstream"]["cause"]

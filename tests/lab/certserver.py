@@ -1,10 +1,10 @@
 """Answer DNSCrypt certificate queries over UDP with one fixed certificate.
 
 dnsdist 1.7 serves only certificates valid at its own clock, and the lab's clock is the
-host's, which must never change. To show dnscrypt-proxy a certificate that is not valid
-at its clock, the uplink runs this server in place of dnsdist's DNSCrypt listener: it
-answers the TXT query for the provider name with a certificate that dnsdist signed with
-the run's provider key for another validity window, and ignores everything else.
+host's, which must never change. So to show dnscrypt-proxy a certificate that is not
+valid at its clock, the uplink runs this server in place of dnsdist's DNSCrypt listener.
+It answers the TXT query for the provider name with a certificate that dnsdist signed
+with the run's provider key for another validity window, and ignores everything else.
 
 Run inside the uplink namespace: python -m tests.lab.certserver ADDRESS PORT PROVIDER CERT
 """

@@ -279,6 +279,27 @@ def test_chain_fault_gives_qvm_prefs_fix():
     assert checks["netvm chain"]["fix"] == "qvm-prefs sys-firewall netvm sys-dns"
 
 
+def test_chain_fault_of_service_qube():
+    chain = {
+        "ok": False,
+        "problems": ["sys-dns: netvm is None, expected sys-net", "sys-dns: provides_network is False, expected True"],
+        "seen": {"sys-dns": {"netvm": None, "provides_network": False}, "sys-firewall": {"netvm": "sys-dns"}},
+    }
+    checks = by_check(diagnose_module.classify(facts(chain=chain)))
+    assert checks["netvm chain"]["fix"] == "qvm-prefs sys-dns netvm sys-net; qvm-prefs sys-dns provides_network True"
+
+
+def test_cut_report_fails_service_check():
+    checks = by_check(diagnose_module.classify(facts("clock 1\n", window=None)))
+    assert checks["dnscrypt-proxy"]["status"] == "fail"
+    assert checks["dnscrypt-proxy"]["cause"] == "the report was cut short"
+
+
+def test_report_without_clock_skips_clock():
+    checks = by_check(diagnose_module.classify(facts(report_text(clock=None))))
+    assert checks["clock"]["status"] == "skip"
+
+
 def test_bypass_named_with_fix():
     findings = diagnose_module.classify(facts(bypass=[("work", ["work", "sys-net"])], window=window(redirected=1)))
     checks = by_check(findings)
