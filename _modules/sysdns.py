@@ -300,3 +300,28 @@ def check_upstream(window):
             )
         )
     return problems
+
+
+# ---------------------------------------------------------------------------
+# Diagnosis (the work is done by the sysdns_diagnose module)
+# ---------------------------------------------------------------------------
+
+
+def diagnose():
+    """
+    Diagnose sys-dns: run the checks of the tests SLS plus deeper probes, and return
+    for each check its status (ok, fail, warn, skip), what was seen, the likely cause
+    and the fix. Uses the ``sysdns`` pillar, starts no qube, and changes nothing. The
+    exit code of ``qubesctl`` is 1 when a check failed.
+
+    Returns ``{"result": bool, "summary": [one line per check], "findings": [{"check",
+    "status", "detail", "cause", "fix"}]}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        sudo qubesctl sysdns.diagnose
+        sudo qubesctl sysdns.diagnose --out=json
+    """
+    return __salt__["sysdns_diagnose.run"]()

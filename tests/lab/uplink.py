@@ -10,7 +10,9 @@ answered; everything else is NXDOMAIN. The namespace has no route anywhere.
 
 import json
 import logging
+import os
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -210,6 +212,77 @@ class Uplink:
         if len(public.read_bytes()) != 32:
             raise UplinkError(f"{public} does not hold a 32-byte DNSCrypt provider key")
 
+    def serve_dnscrypt_certificate(self, valid_from, valid_until):
+        """
+        Serve, on the IPv4 DNSCrypt address, a certificate valid only from
+        ``valid_from`` to ``valid_until`` (Unix times) in place of dnsdist's listener.
+
+        A window away from the current time shows dnscrypt-proxy what a qube with a
+        wrong clock sees; the host clock is shared by every container and must never be
+        changed. dnsdist serves only certificates valid at its own clock, so
+        tests/lab/certserver.py answers the certificate query, with a certificate that
+        dnsdist signs here with the run's provider key. dnsdist keeps its DoH and IPv6
+        DNSCrypt listeners. restore_dnscrypt() undoes it.
+        """
+        script = self.path("dnscrypt-skewed.lua")
+        private = self.path("provider.private")
+        certificate, key = self.path("skewed.cert"), self.path("skewed.key")
+        script.write_text(
+            textwrap.dedent(f"""\
+            generateDNSCryptCertificate("{private}", "{certificate}", "{key}",
+                2, {int(valid_from)}, {int(valid_until)})
+            setSecurityPollSuffix("")
+            """),
+            encoding="ascii",
+        )
+        run(["dnsdist", "-C", str(script), "--check-config"])
+        bind = f'addDNSCryptBind("{DNSCRYPT_ADDRESS}:443"'
+        lines = self.path("dnsdist.conf").read_text().splitlines()
+        self.path("dnsdist-certserver.conf").write_text(
+            "".join(line + "\n" for line in lines if not line.startswith(bind)), encoding="ascii"
+        )
+        self._end("dnsdist")
+        self._start_dnsdist("dnsdist-certserver.conf")
+        self._start(
+            "certserver",
+            [
+                sys.executable,
+                "-m",
+                "tests.lab.certserver",
+                DNSCRYPT_ADDRESS,
+                "443",
+                DNSCRYPT_PROVIDER,
+                str(certificate),
+            ],
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+        )
+        self._wait_listening([f"{DNSCRYPT_ADDRESS}:443"], udp=True)
+        self._wait_listening([f"{DOH_ADDRESS}:443", f"[{DNSCRYPT_ADDRESS6}]:443"], udp=False)
+
+    def restore_dnscrypt(self):
+        """End the certificate server and give dnsdist its DNSCrypt listener back."""
+        self._end("certserver")
+        self._end("dnsdist")
+        self._start_dnsdist("dnsdist.conf")
+        self.wait_ready()
+
+    def _end(self, role):
+        records = [record for record in self.registry.records() if record.qube == "uplink" and record.role == role]
+        procs.end_processes(records, timeout=5.0)
+
+    def _start_dnsdist(self, config):
+        self._start("dnsdist", ["dnsdist", "--supervised", "--disable-syslog", "-C", str(self.path(config))])
+
+    def _wait_listening(self, addresses, udp, timeout=15.0):
+        deadline = time.monotonic() + timeout
+        flags = "-Hlun" if udp else "-Hltn"
+        while time.monotonic() < deadline:
+            result = run(["ip", "netns", "exec", self.namespace, "ss", flags], check=False)
+            if all(address in result.stdout for address in addresses):
+                return
+            time.sleep(0.1)
+        raise UplinkError(f"uplink listeners not ready within {timeout} s: {', '.join(addresses)}")
+
     def write_unbound_config(self):
         interfaces = [BACKEND]
         views = {}
@@ -290,11 +363,19 @@ class Uplink:
             ("unbound", ["unbound", "-d", "-c", str(self.path("unbound.conf"))]),
             ("dnsdist", ["dnsdist", "--supervised", "--disable-syslog", "-C", str(self.path("dnsdist.conf"))]),
         ):
-            output = open(self.path(f"{role}.out"), "ab")
-            self.registry.spawn(
-                ["ip", "netns", "exec", self.namespace] + argv, role, "uplink", stdout=output, stderr=subprocess.STDOUT
-            )
-            output.close()
+            self._start(role, argv)
+
+    def _start(self, role, argv, **popen_kwargs):
+        output = open(self.path(f"{role}.out"), "ab")
+        self.registry.spawn(
+            ["ip", "netns", "exec", self.namespace] + argv,
+            role,
+            "uplink",
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            **popen_kwargs,
+        )
+        output.close()
 
     def write_stamps(self):
         """Write uplink/stamps.json: {name, proto, stamp, address, port} per resolver."""
@@ -368,8 +449,15 @@ class Uplink:
                 except OSError:
                     pass
             if pending:
-                for record in self.registry.records():
-                    if record.qube == "uplink" and not procs.is_alive(record):
+                # The newest record of each role: serve_dnscrypt_certificate and
+                # restore_dnscrypt leave the records of the processes they ended.
+                newest = {
+                    record.role: record
+                    for record in self.registry.records()
+                    if record.qube == "uplink" and record.role in ("unbound", "dnsdist")
+                }
+                for record in newest.values():
+                    if not procs.is_alive(record):
                         raise UplinkError(
                             f"{record.role} in the uplink exited; see {self.directory}/"
                             f"{record.role}.out and unbound.log"

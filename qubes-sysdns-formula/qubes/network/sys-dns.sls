@@ -15,6 +15,7 @@
       '/usr/lib/sysdns/install-config': 'install-config.sh',
       '/usr/lib/sysdns/report': 'report.sh',
       '/usr/lib/sysdns/probe-upstream': 'probe-upstream.sh',
+      '/usr/lib/sysdns/diagnose': 'diagnose.sh',
     } %}
 {%- set template_files = {} %}
 {%- for path, spec in template_side.items() %}
