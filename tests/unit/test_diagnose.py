@@ -72,7 +72,8 @@ def window(**delta):
         "results": {"personal": {"www.lab.test": {"ok": True, "detail": "192.0.2.80"}}},
         "skipped": [],
         "lookups": 2,
-        "upstream_probe": "sysdns-probe-x.www.lab.test",
+        "upstream_probes": ["sysdns-probe-x.www.lab.test"],
+        "upstream_rcodes": [3],
         "upstream_rcode": 3,
     }
 
