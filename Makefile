@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
+# A venv's bin/python is a symlink to the interpreter it was made from, so make would
+# read (and touch would change) that interpreter's time; each venv gets a stamp file.
+VENV_STAMP := $(VENV)/.installed
 LAB_CACHE ?= /var/cache/sysdns-lab
 
 .PHONY: all deps images demo test unit lab-test clean
@@ -10,13 +13,13 @@ LAB_CACHE ?= /var/cache/sysdns-lab
 
 all: test
 
-$(VENV_PYTHON): requirements-dev.txt
+$(VENV_STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PYTHON) -m pip install --quiet --upgrade pip
 	$(VENV_PYTHON) -m pip install --quiet -r requirements-dev.txt
-	touch $(VENV_PYTHON)
+	touch $@
 
-deps: $(VENV_PYTHON)
+deps: $(VENV_STAMP)
 	sh tests/tools/install-host-deps.sh
 	sh tests/tools/fetch-dnscrypt-proxy.sh $(LAB_CACHE)
 
@@ -58,12 +61,12 @@ SLS_FILES = $(shell find qubes-sysdns-formula -name '*.sls')
 SHELL_SCRIPTS = $(shell find .ci tests/tools tests/lab/agent qubes-sysdns-formula -type f \
 	-exec awk 'FNR == 1 && /^\#!.*[\/ ](ba|da)?sh$$/ { print FILENAME } { nextfile }' {} +)
 
-$(LINT_VENV)/bin/python: requirements-lint.txt
+$(LINT_VENV)/.installed: requirements-lint.txt
 	$(PYTHON) -m venv $(LINT_VENV)
 	$(LINT_VENV)/bin/python -m pip install --quiet -r requirements-lint.txt
 	touch $@
 
-lint: $(LINT_VENV)/bin/python
+lint: $(LINT_VENV)/.installed
 	$(LINT_VENV)/bin/ruff check .
 	$(LINT_VENV)/bin/ruff format --check .
 	$(LINT_VENV)/bin/yamllint --strict .
@@ -88,18 +91,18 @@ MATRIX_DIR := .venv-matrix
 MATRIX := salt3006.29-jinja3.1.6 salt3007.16-jinja3.1.6 salt3008.4-jinja3.1.6 \
 	salt3006.9-jinja3.0.3
 
-.PRECIOUS: $(MATRIX_DIR)/%/bin/python
+.PRECIOUS: $(MATRIX_DIR)/%/.installed
 
 matrix: $(MATRIX:%=matrix-%)
 
-matrix-%: $(MATRIX_DIR)/%/bin/python
-	$< -m pytest -q -p no:cacheprovider tests/unit
+matrix-%: $(MATRIX_DIR)/%/.installed
+	$(MATRIX_DIR)/$*/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
 .SECONDEXPANSION:
-$(MATRIX_DIR)/%/bin/python: requirements-matrix.txt $$(wildcard requirements-matrix-$$*.txt)
+$(MATRIX_DIR)/%/.installed: requirements-matrix.txt $$(wildcard requirements-matrix-$$*.txt)
 	rm -rf $(MATRIX_DIR)/$*
 	$(MATRIX_PYTHON) -m venv $(MATRIX_DIR)/$*
-	$@ -m pip install --quiet $(addprefix -r ,$^) \
+	$(MATRIX_DIR)/$*/bin/python -m pip install --quiet $(addprefix -r ,$^) \
 		salt==$(patsubst salt%,%,$(word 1,$(subst -, ,$*))) \
 		Jinja2==$(patsubst jinja%,%,$(word 2,$(subst -, ,$*)))
 	touch $@
