@@ -427,7 +427,7 @@ def mod_watch(name, sfun=None, restart_on_change=True, **kwargs):
 
 def parse_report(output):
     """Parse the output of the report helper into a dict."""
-    report = {"files": {}, "service": None, "firewall": None, "guard": None, "input-accept": None}
+    report = {"files": {}, "service": None, "firewall": None, "ruleset": None, "guard": None, "input-accept": None}
     for line in output.splitlines():
         words = line.split()
         if len(words) == 3 and words[0] == "file":
@@ -442,7 +442,26 @@ def _service_changes(report):
     for key, good in (("service", "active"), ("firewall", "loaded"), ("guard", "loaded"), ("input-accept", "present")):
         if report.get(key) != good:
             changes[key] = {"old": report[key], "new": good}
+    # A loaded table whose rules changed at runtime (nft delete rule, nft flush chain)
+    # no longer matches the digest apply-firewall recorded: reload it. A report
+    # without the line comes from a template built before the digest existed.
+    if report.get("firewall") == "loaded" and report.get("ruleset") not in (None, "as-loaded"):
+        changes["ruleset"] = {"old": report["ruleset"], "new": "as-loaded"}
     return changes
+
+
+def _restored(file_changes, recorded, report):
+    """
+    Name what a run puts back because it was changed inside the qube rather than in
+    the pillar: files whose content differs from the last applied record although the
+    pillar still renders that record, and rules of the loaded table changed at runtime.
+    """
+    restored = []
+    if recorded is not None:
+        restored += [filename for filename, change in file_changes.items() if recorded.get(filename) == change["new"]]
+    if report is not None and "ruleset" in _service_changes(report):
+        restored.append("rules of table inet sysdns ({})".format(report["ruleset"]))
+    return restored
 
 
 def _read_report(name):
@@ -489,7 +508,13 @@ def config_applied(name, files, restart_qube=None):
             if recorded is None:
                 # Never configured: once started, the qube will show what a fresh
                 # template gives: the guard, but a stopped service and no firewall.
-                report = {"service": "inactive", "firewall": "missing", "guard": "loaded", "input-accept": "missing"}
+                report = {
+                    "service": "inactive",
+                    "firewall": "missing",
+                    "ruleset": "missing",
+                    "guard": "loaded",
+                    "input-accept": "missing",
+                }
         else:
             have = recorded or {}
 
@@ -510,9 +535,11 @@ def config_applied(name, files, restart_qube=None):
             return ret
 
         ret["changes"] = changes
+        restored = _restored(file_changes, recorded, report)
+        suffix = "; restored after changes inside the qube: " + ", ".join(restored) if restored else ""
         if __opts__["test"]:
             ret["result"] = None
-            ret["comment"] = "Configuration of {} would have been applied".format(name)
+            ret["comment"] = "Configuration of {} would have been applied{}".format(name, suffix)
             return ret
 
         archive = __salt__["sysdns_qvm.pack_files"](
@@ -530,7 +557,7 @@ def config_applied(name, files, restart_qube=None):
                 __salt__["sysdns_qvm.set_json_feature"](name, CONFIG_FEATURE, wanted)
             if report is not None and (file_changes or _service_changes(report)):
                 __salt__["sysdns_qvm.restart"](restart_qube)
-        ret["comment"] = "Configuration of {} has been applied".format(name)
+        ret["comment"] = "Configuration of {} has been applied{}".format(name, suffix)
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["changes"] = {}
         return _fail(ret, str(exc))
