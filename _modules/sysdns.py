@@ -282,8 +282,8 @@ def check_upstream(window):
 # ---------------------------------------------------------------------------
 
 STATUS_COMMAND = "/usr/lib/sysdns/status"
-STATUS_TABLES = ("inet sysdns", "inet sysdns_guard")
-# Seconds the status helper waits for each certificate; the fetches run in parallel.
+# Seconds dom0 waits for the status helper. Its certificate fetches run in parallel
+# and each gives up after 5 s (SYSDNS_CERT_TIMEOUT in status.sh).
 STATUS_TIMEOUT_S = 60
 
 # Report lines of /usr/lib/sysdns/report and what each means when it is healthy.
@@ -303,10 +303,10 @@ _LATENCY_RE = re.compile(r"^-\s+(?P<rtt>\d+)ms (?P<name>\S+)$")
 _LOWEST_RE = re.compile(r"^Server with the lowest initial latency: (?P<name>\S+) \(rtt: (?P<rtt>\d+)ms\)")
 _SERVER_MESSAGE_RE = re.compile(r"^\[(?P<name>[^\]]+)\]:? (?P<text>.*)$")
 
-# A DNSCrypt certificate (DNSCrypt protocol specification; dnscrypt_certs.go of
-# dnscrypt-proxy 2.1.8): magic "DNSC", es_version, minor version, a 64-byte
-# signature, then the signed part: resolver key (32), client magic (8), serial,
-# ts_start and ts_end as big-endian 32-bit integers.
+# Layout of a DNSCrypt certificate, as dnscrypt_certs.go of dnscrypt-proxy 2.1.8
+# reads it. It starts with the magic "DNSC", es_version, a minor version and a
+# 64-byte signature. The signed part follows: resolver key (32 bytes), client magic
+# (8), then serial, ts_start and ts_end as big-endian 32-bit integers.
 _CERT_MAGIC = b"DNSC"
 _CERT_MIN_LENGTH = 124
 _CERT_CONSTRUCTIONS = {1: "XSalsa20Poly1305", 2: "XChacha20Poly1305"}
@@ -465,7 +465,7 @@ def parse_certificate_response(hex_text):
             }
         )
     if not certificates:
-        raise ValueError("the response holds no DNSCrypt certificate")
+        raise ValueError("the response contains no DNSCrypt certificate")
     return certificates
 
 
@@ -510,7 +510,7 @@ def describe_certificate(fetched, clock):
         described["days_left"] = round((chosen["valid_until"] - clock) / 86400, 1)
     else:
         described["problem"] = (
-            "no certificate is valid at the qube's time {} (newest: {} to {}): check its clock".format(
+            "no certificate is valid at the qube's time {} (newest: {} to {}): check the clock of the qube".format(
                 _utc(clock), described["valid_from"], described["valid_until"]
             )
         )
@@ -616,13 +616,13 @@ def configured_servers(cfg):
 def certificate_requests(servers):
     """
     Return the standard input of STATUS_COMMAND: one "NAME IP PORT PROVIDER" line per
-    DNSCrypt resolver. A server on port 53 is left out, because sys-dns's own table
-    redirects port-53 traffic of sys-dns to dnscrypt-proxy.
+    DNSCrypt resolver. Validation rejects stamps on port 53, so no fetch meets the
+    redirect of sys-dns's own port-53 traffic.
     """
     lines = []
     for name, server in sorted(servers.items()):
         ip, port, provider = server["_fetch"]
-        if server["protocol"] == "dnscrypt" and port != 53:
+        if server["protocol"] == "dnscrypt":
             lines.append("{} {} {} {}\n".format(name, ip, port, provider))
     return "".join(lines)
 
@@ -700,7 +700,8 @@ def _server_status(servers, report, problems, qube):
                 if server["certificate"].get("problem"):
                     problems.append("{}: server {}: {}".format(qube, name, server["certificate"]["problem"]))
             else:
-                server["certificate"] = {"valid_now": None, "problem": "not fetched (port 53 is redirected in sys-dns)"}
+                server["certificate"] = {"valid_now": None, "problem": "not fetched: the status helper printed nothing"}
+                problems.append("{}: server {}: the status helper printed no certificate line".format(qube, name))
     if running and not any(server.get("live") for server in servers.values()):
         problems.append("{}: dnscrypt-proxy reports no live server yet".format(qube))
     return {
@@ -720,13 +721,18 @@ def collect_status(pillar=None):
     pillar
         The ``sysdns`` pillar; None reads it with ``pillar.get``.
 
-    Keys: ``ok``, ``problems`` (sentences with the fix), ``qube`` (sys-dns's class,
-    template, state, netvm), ``chain`` (each rewired qube, its netvm path and
-    whether it passes through sys-dns), ``dnscrypt_proxy`` (service, version, live
-    servers), ``servers`` (per server: protocol, address, live, certificate window
-    against the qube's clock for DNSCrypt), ``counters`` (nft counters since the
-    tables were last loaded), ``drift`` (each file of /rw/config/sysdns against the
-    pillar, and the loaded table against its digest at load time) and ``clock``.
+    Keys:
+
+    - ``ok`` and ``problems`` (sentences that name the fix);
+    - ``qube``: class, template, state and netvm of sys-dns;
+    - ``chain``: each rewired qube, its netvm path, and whether it passes through sys-dns;
+    - ``dnscrypt_proxy``: service, version and live servers;
+    - ``servers``: protocol, address and liveness of each server, and for DNSCrypt
+      the certificate window against the qube's clock;
+    - ``counters``: the nft counters since the tables were last loaded;
+    - ``drift``: each file of /rw/config/sysdns against the pillar, and the loaded
+      table against its digest at load time;
+    - ``clock``: the qube's time.
     """
     if pillar is None:
         pillar = __salt__["pillar.get"]("sysdns", {})
@@ -791,11 +797,14 @@ def collect_status(pillar=None):
 
 def status():
     """
-    Show the state of sys-dns, read-only and without starting any qube: the netvm
-    chain, sys-dns's class, template and power state, dnscrypt-proxy's version and
-    live servers, each server's protocol, address and DNSCrypt certificate window,
-    the nft counters, and whether the configuration in sys-dns still matches what
-    the pillar renders. Costs one qvm-ls and, when sys-dns runs, one qvm-run.
+    Show the state of sys-dns, read-only and without starting any qube.
+
+    The output contains the netvm chain, the class, template and power state of
+    sys-dns, dnscrypt-proxy's version and live servers, each server's protocol,
+    address and DNSCrypt certificate window, and the nft counters. It also says
+    whether the configuration in sys-dns still matches what the pillar renders.
+    Costs one qvm-ls call and, when sys-dns runs, one qvm-run call. The data comes
+    from :py:func:`collect_status`.
 
     CLI Example:
 
