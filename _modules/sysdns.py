@@ -292,6 +292,7 @@ _HEALTHY_REPORT = {
     "firewall": "loaded",
     "ruleset": "as-loaded",
     "guard": "loaded",
+    "guard-ruleset": "as-loaded",
     "input-accept": "present",
 }
 
@@ -647,18 +648,18 @@ def _drift_status(report, wanted_files, problems, qube):
                 qube, ", ".join(drifted)
             )
         )
-    ruleset = report["ruleset"]
-    if ruleset == "modified":
-        problems.append(
-            "{}: the rules of table inet sysdns changed since they were loaded; the next build reloads them".format(
-                qube
+    for key, table in (("ruleset", "inet sysdns"), ("guard-ruleset", "inet sysdns_guard")):
+        if report[key] == "modified":
+            problems.append(
+                "{}: the rules of table {} changed since they were loaded; the next build reloads them".format(
+                    qube, table
+                )
             )
-        )
-    elif ruleset == "unrecorded":
-        problems.append(
-            "{}: table inet sysdns was loaded without a recorded digest, so runtime changes cannot be "
-            "detected; the next build reloads it".format(qube)
-        )
+        elif report[key] == "unrecorded":
+            problems.append(
+                "{}: table {} was loaded without a recorded digest, so runtime changes cannot be "
+                "detected; the next build reloads it".format(qube, table)
+            )
     for key in ("firewall", "guard", "input-accept"):
         if report[key] != _HEALTHY_REPORT[key]:
             problems.append("{}: {} is {}, expected {}".format(qube, key, report[key], _HEALTHY_REPORT[key]))
@@ -666,8 +667,8 @@ def _drift_status(report, wanted_files, problems, qube):
         "in_sync": not drifted
         and all(report[key] == _HEALTHY_REPORT[key] for key in _HEALTHY_REPORT if key != "service"),
         "files": files,
-        "table inet sysdns": {"firewall": report["firewall"], "ruleset": ruleset},
-        "table inet sysdns_guard": report["guard"],
+        "table inet sysdns": {"firewall": report["firewall"], "ruleset": report["ruleset"]},
+        "table inet sysdns_guard": {"guard": report["guard"], "ruleset": report["guard-ruleset"]},
         "custom-input accept": report["input-accept"],
     }
 

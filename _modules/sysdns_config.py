@@ -36,7 +36,11 @@ APPLY_SCRIPT_PATH = "/usr/lib/sysdns/apply-firewall"
 # SHA-256 of `nft -s list table inet sysdns` taken by the apply script right after
 # loading the table. /run is a tmpfs, so a reboot drops it with the table. The report
 # helper compares the loaded table with it to find rules changed at runtime.
-RULESET_RECORD_PATH = "/run/sysdns/ruleset.sha256"
+RUN_DIR = "/run/sysdns"
+RULESET_RECORD_PATH = RUN_DIR + "/ruleset.sha256"
+# The same for the fixed guard table inet sysdns_guard, written by sysdns-guard.service
+# as sha256sum prints it.
+GUARD_RECORD_PATH = RUN_DIR + "/guard.sha256"
 UNIT_DIR = "/etc/systemd/system"
 # Both directories are created by the unit (LogsDirectory=, CacheDirectory=) and owned
 # by the service user, so dnscrypt-proxy can write there after dropping root.
@@ -2314,6 +2318,9 @@ Wants=network-pre.target
 Type=oneshot
 RemainAfterExit=yes
 ExecStart=/usr/sbin/nft -f {GUARD_RULESET_PATH}
+# A digest of the table as loaded, without counter values, for the report helper,
+# which compares the loaded table with it to find rules changed at runtime.
+ExecStartPost=/bin/sh -c 'mkdir -p {RUN_DIR} && nft -s list table inet sysdns_guard | sha256sum >{GUARD_RECORD_PATH}'
 
 [Install]
 WantedBy=multi-user.target

@@ -427,7 +427,15 @@ def mod_watch(name, sfun=None, restart_on_change=True, **kwargs):
 
 def parse_report(output):
     """Parse the output of the report helper into a dict."""
-    report = {"files": {}, "service": None, "firewall": None, "ruleset": None, "guard": None, "input-accept": None}
+    report = {
+        "files": {},
+        "service": None,
+        "firewall": None,
+        "ruleset": None,
+        "guard": None,
+        "guard-ruleset": None,
+        "input-accept": None,
+    }
     for line in output.splitlines():
         words = line.split()
         if len(words) == 3 and words[0] == "file":
@@ -443,24 +451,31 @@ def _service_changes(report):
         if report.get(key) != good:
             changes[key] = {"old": report[key], "new": good}
     # A loaded table whose rules changed at runtime (nft delete rule, nft flush chain)
-    # no longer matches the digest apply-firewall recorded: reload it. A report
-    # without the line comes from a template built before the digest existed.
-    if report.get("firewall") == "loaded" and report.get("ruleset") not in (None, "as-loaded"):
-        changes["ruleset"] = {"old": report["ruleset"], "new": "as-loaded"}
+    # no longer matches the digest recorded when it was loaded: reload it. A report
+    # without the line comes from a template built before the digests existed.
+    for table, key in (("firewall", "ruleset"), ("guard", "guard-ruleset")):
+        if report.get(table) == "loaded" and report.get(key) not in (None, "as-loaded"):
+            changes[key] = {"old": report[key], "new": "as-loaded"}
     return changes
 
 
 def _restored(file_changes, recorded, report):
     """
     Name what a run puts back because it was changed inside the qube rather than in
-    the pillar: files whose content differs from the last applied record although the
-    pillar still renders that record, and rules of the loaded table changed at runtime.
+    the pillar. These are files whose content differs from the last applied record
+    while the pillar still renders that record, rules of the loaded tables changed at
+    runtime, and accept rules removed from custom-input while the table stayed loaded.
     """
     restored = []
     if recorded is not None:
         restored += [filename for filename, change in file_changes.items() if recorded.get(filename) == change["new"]]
-    if report is not None and "ruleset" in _service_changes(report):
-        restored.append("rules of table inet sysdns ({})".format(report["ruleset"]))
+    if report is not None:
+        service_changes = _service_changes(report)
+        for key, table in (("ruleset", "inet sysdns"), ("guard-ruleset", "inet sysdns_guard")):
+            if key in service_changes:
+                restored.append("rules of table {} ({})".format(table, report[key]))
+        if report.get("firewall") == "loaded" and "input-accept" in service_changes:
+            restored.append("accept rules in custom-input ({})".format(report["input-accept"]))
     return restored
 
 
@@ -513,6 +528,7 @@ def config_applied(name, files, restart_qube=None):
                     "firewall": "missing",
                     "ruleset": "missing",
                     "guard": "loaded",
+                    "guard-ruleset": "as-loaded",
                     "input-accept": "missing",
                 }
         else:

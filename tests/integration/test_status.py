@@ -1,8 +1,8 @@
 """
-sysdns.status in one built lab: every field on a healthy build within three dom0
-calls, then one fault at a time (dnscrypt-proxy stopped, a file edited by hand,
-rules removed from the loaded table, sys-dns halted), each reported by status and
-each but the halt undone by the next build, which names what it restored.
+sysdns.status in one built lab. On a healthy build it shows every field within three
+dom0 calls. Then one fault at a time (dnscrypt-proxy stopped, a file edited by hand,
+rules changed in the loaded tables, sys-dns halted) is reported by status, and the
+next build undoes each fault but the halt and names what it restored.
 """
 
 import datetime
@@ -99,6 +99,8 @@ def test_status_on_healthy_build(built_lab):
     assert status["drift"]["in_sync"] is True
     assert set(status["drift"]["files"].values()) == {"matches"}
     assert status["drift"]["table inet sysdns"] == {"firewall": "loaded", "ruleset": "as-loaded"}
+    assert status["drift"]["table inet sysdns_guard"] == {"guard": "loaded", "ruleset": "as-loaded"}
+    assert status["drift"]["custom-input accept"] == "present"
     assert status["counters"]["plaintext_leaked"] == 0
     assert set(status["counters"]["tables"]) == {"inet sysdns", "inet sysdns_guard"}
 
@@ -148,33 +150,71 @@ def test_hand_edit_reported_and_restored(built_lab):
     assert status["ok"] is True, status["problems"]
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        # The uplink guard's drop of plaintext DNS, found by its counter name.
+# Runtime changes to sys-dns's rules: (command, where status reports it, what it
+# reports, the change the build reports, what its comment names, whether clients
+# still resolve meanwhile).
+RUNTIME_CHANGES = {
+    # The uplink guard's drop of plaintext DNS, found by its counter name.
+    "delete-rule": (
         "nft delete rule inet sysdns guard_uplink handle "
         "$(nft -a list chain inet sysdns guard_uplink | sed -n 's/.*\"leak_dropped\" drop # handle //p')",
+        "table inet sysdns",
+        {"firewall": "loaded", "ruleset": "modified"},
+        {"ruleset": {"old": "modified", "new": "as-loaded"}},
+        "rules of table inet sysdns (modified)",
+        True,
+    ),
+    # Without the redirect, clients' queries follow Qubes' dnat-dns and the guard
+    # drops them: DNS fails closed until the build reloads the table.
+    "flush-chain": (
         "nft flush chain inet sysdns redirect_downstream",
-    ],
-    ids=["delete-rule", "flush-chain"],
-)
-def test_runtime_rule_change_reported_and_reloaded(built_lab, change):
+        "table inet sysdns",
+        {"firewall": "loaded", "ruleset": "modified"},
+        {"ruleset": {"old": "modified", "new": "as-loaded"}},
+        "rules of table inet sysdns (modified)",
+        False,
+    ),
+    "flush-guard": (
+        "nft flush chain inet sysdns_guard forward",
+        "table inet sysdns_guard",
+        {"guard": "loaded", "ruleset": "modified"},
+        {"guard-ruleset": {"old": "modified", "new": "as-loaded"}},
+        "rules of table inet sysdns_guard (modified)",
+        True,
+    ),
+    # One of the two accept rules (TCP) in Qubes' custom-input chain.
+    "delete-accept": (
+        "nft delete rule ip qubes custom-input handle "
+        "$(nft -a list chain ip qubes custom-input | sed -n 's/.*tcp dport 53 accept comment \"sysdns\" # handle //p')",
+        "custom-input accept",
+        "incomplete",
+        {"input-accept": {"old": "incomplete", "new": "present"}},
+        "accept rules in custom-input (incomplete)",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("change", sorted(RUNTIME_CHANGES))
+def test_runtime_rule_change_reported_and_restored(built_lab, change):
     lab = built_lab
-    lab.exec("sys-dns", change, check=True)
+    command, drift_key, drift_value, build_changes, restored, resolves = RUNTIME_CHANGES[change]
+    lab.exec("sys-dns", command, check=True)
 
     status, _ = run_status(lab)
     assert status["ok"] is False
-    assert status["drift"]["table inet sysdns"]["ruleset"] == "modified"
+    assert status["drift"]["in_sync"] is False
+    assert status["drift"][drift_key] == drift_value
     assert set(status["drift"]["files"].values()) == {"matches"}
-    assert any("rules of table inet sysdns changed" in problem for problem in status["problems"])
+    assert (lab.dns_query("personal", "www.lab.test")["status"] == "answer") is resolves
 
     states = rebuild(lab)
     ret = states[CONFIG_STATE]
-    assert ret["changes"] == {"ruleset": {"old": "modified", "new": "as-loaded"}}
-    assert ret["comment"].endswith("restored after changes inside the qube: rules of table inet sysdns (modified)")
+    assert ret["changes"] == build_changes
+    assert ret["comment"].endswith("restored after changes inside the qube: " + restored)
 
     status, _ = run_status(lab)
-    assert status["drift"]["table inet sysdns"]["ruleset"] == "as-loaded"
+    assert status["drift"]["in_sync"] is True
     assert status["ok"] is True, status["problems"]
     with lab.observe("sys-dns") as observer:
         assert lab.dns_query("work", "www.lab.test")["status"] == "answer"

@@ -67,6 +67,7 @@ class FakeQubes:
         self.guard_state = {}
         # What the report helper prints on its "ruleset" line, per qube.
         self.ruleset_state = {}
+        self.guard_ruleset_state = {}
         self.setup_output = "dnscrypt-proxy 2.1.8\nsysdns: template setup complete\n"
         # Global properties (qubes-prefs) that name a qube.
         self.global_prefs = {"default_netvm": "sys-firewall", "updatevm": "sys-net", "clockvm": "sys-net"}
@@ -192,7 +193,8 @@ class FakeQubes:
             guard = self.guard_state.get(name, "loaded")
             ruleset = self.ruleset_state.get(name, "as-loaded" if state[1] == "loaded" else "missing")
             lines += ["service " + state[0], "firewall " + state[1], "ruleset " + ruleset]
-            lines += ["guard " + guard, "input-accept " + state[2]]
+            guard_ruleset = self.guard_ruleset_state.get(name, "as-loaded" if guard == "loaded" else "missing")
+            lines += ["guard " + guard, "guard-ruleset " + guard_ruleset, "input-accept " + state[2]]
             return {"retcode": 0, "stdout": "\n".join(lines) + "\n", "stderr": ""}
         if command.startswith("cat /etc/os-release"):
             return {"retcode": 0, "stdout": self.os_release + "--- sources\n" + self.sources, "stderr": ""}
@@ -201,6 +203,7 @@ class FakeQubes:
             self.config_files[name] = unpack_files(stdin)
             self.guard_state[name] = "loaded"
             self.ruleset_state[name] = "as-loaded"
+            self.guard_ruleset_state[name] = "as-loaded"
             self.service_state[name] = ("active", "loaded", "present")
         else:
             self._change("run", name, command)

@@ -422,3 +422,24 @@ def test_config_applied_missing_table_is_no_ruleset_change(fake):
 
     assert ret["changes"] == {"firewall": {"old": "missing", "new": "loaded"}}
     assert ret["comment"] == "Configuration of sys-dns would have been applied"
+
+
+def test_config_applied_reloads_modified_guard(fake):
+    build_sequence(states(fake))
+    fake.guard_ruleset_state["sys-dns"] = "modified"
+
+    ret = states(fake).config_applied("sys-dns", CONFIG)
+
+    assert ret["changes"] == {"guard-ruleset": {"old": "modified", "new": "as-loaded"}}
+    assert ret["comment"].endswith("rules of table inet sysdns_guard (modified)")
+    assert states(fake).config_applied("sys-dns", CONFIG)["changes"] == {}
+
+
+def test_config_applied_restores_accept_rules(fake):
+    build_sequence(states(fake))
+    fake.service_state["sys-dns"] = ("active", "loaded", "incomplete")
+
+    ret = states(fake).config_applied("sys-dns", CONFIG)
+
+    assert ret["changes"] == {"input-accept": {"old": "incomplete", "new": "present"}}
+    assert ret["comment"].endswith("restored after changes inside the qube: accept rules in custom-input (incomplete)")

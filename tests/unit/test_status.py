@@ -85,6 +85,7 @@ def status_output(
     firewall="loaded",
     ruleset="as-loaded",
     guard="loaded",
+    guard_ruleset="as-loaded",
     accept="present",
     log=HEALTHY_LOG,
     certificates=None,
@@ -96,6 +97,7 @@ def status_output(
         "firewall " + firewall,
         "ruleset " + ruleset,
         "guard " + guard,
+        "guard-ruleset " + guard_ruleset,
         "input-accept " + accept,
         "version 2.1.8",
         "clock {}".format(clock),
@@ -478,7 +480,10 @@ def test_status_file_drift(fake):
 
 @pytest.mark.parametrize(
     ("ruleset", "words"),
-    [("modified", "changed since they were loaded"), ("unrecorded", "without a recorded digest")],
+    [
+        ("modified", "sys-dns: the rules of table inet sysdns changed since they were loaded"),
+        ("unrecorded", "sys-dns: table inet sysdns was loaded without a recorded digest"),
+    ],
 )
 def test_status_ruleset_drift(fake, ruleset, words):
     fake.status_text = status_output(rendered_files(), ruleset=ruleset)
@@ -487,11 +492,33 @@ def test_status_ruleset_drift(fake, ruleset, words):
 
     assert status["drift"]["table inet sysdns"] == {"firewall": "loaded", "ruleset": ruleset}
     assert status["drift"]["in_sync"] is False
-    assert any(words in problem for problem in status["problems"])
+    assert any(problem.startswith(words) for problem in status["problems"])
+
+
+def test_status_guard_ruleset_drift(fake):
+    fake.status_text = status_output(rendered_files(), guard_ruleset="modified")
+
+    status = module_for(fake).collect_status()
+
+    assert status["drift"]["table inet sysdns_guard"] == {"guard": "loaded", "ruleset": "modified"}
+    assert status["drift"]["in_sync"] is False
+    assert any("rules of table inet sysdns_guard changed" in problem for problem in status["problems"])
+
+
+def test_status_input_accept_incomplete(fake):
+    fake.status_text = status_output(rendered_files(), accept="incomplete")
+
+    status = module_for(fake).collect_status()
+
+    assert status["drift"]["custom-input accept"] == "incomplete"
+    assert "sys-dns: input-accept is incomplete, expected present" in status["problems"]
+    assert status["drift"]["in_sync"] is False
 
 
 def test_status_tables_missing(fake):
-    fake.status_text = status_output(rendered_files(), firewall="missing", ruleset="missing", guard="missing")
+    fake.status_text = status_output(
+        rendered_files(), firewall="missing", ruleset="missing", guard="missing", guard_ruleset="missing"
+    )
 
     status = module_for(fake).collect_status()
 

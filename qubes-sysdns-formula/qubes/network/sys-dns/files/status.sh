@@ -1,11 +1,12 @@
 #!/bin/bash
 # Print the state of this sys-dns for `qubesctl sysdns.status`, read-only, one fact
-# per line: first the lines of the report helper (files, service, tables, ruleset),
-# then "version", "clock" (seconds since the epoch), the named nft counters of the
-# formula's tables between "begin counters TABLE" and "end counters TABLE", the
-# server lines of dnscrypt-proxy's journal since it last started as "log LINE", and
-# one "certificate NAME HEX" or "certificate NAME none REASON" line per DNSCrypt
-# server read on standard input as "NAME IP PORT PROVIDER-NAME".
+# per line. The lines of the report helper come first (files, service, tables).
+# Then follow "version", "clock" (seconds since the epoch), and the named nft
+# counters of the formula's tables between "begin counters TABLE" and "end counters
+# TABLE". Next come dnscrypt-proxy's journal lines about its servers since it last
+# started, each as "log LINE". Last, for each DNSCrypt server read on standard input
+# as "NAME IP PORT PROVIDER-NAME", one "certificate NAME HEX" line, or
+# "certificate NAME none REASON" when the fetch failed.
 #
 # The certificate of a DNSCrypt server is fetched as dnscrypt-proxy fetches it: a
 # TXT query for the provider name sent over UDP to the server's own address and
@@ -18,9 +19,9 @@ helpers=/usr/lib/sysdns
 fetch_timeout=${SYSDNS_CERT_TIMEOUT:-5}
 
 # Send one DNS query over UDP to IP PORT for the TXT record of NAME and print the
-# first datagram that comes back as hexadecimal bytes. dnscrypt-proxy 2.1.8 asks
-# over UDP first (dnscrypt_certs.go); dnsdist 1.7 answers certificate queries over
-# UDP only. The caller bounds the wait with timeout(1).
+# first datagram that comes back as hexadecimal bytes. dnscrypt-proxy 2.1.8 sends
+# this query over UDP first (dnscrypt_certs.go), and the lab's dnsdist 1.7.3 sent
+# an empty reply to it over TCP. The caller bounds the wait with timeout(1).
 fetch_certificate() {
     local ip=$1 port=$2 name=$3
     local id message label
@@ -70,8 +71,8 @@ if [ -n "$invocation" ]; then
         tail -n 400 | sed 's/^/log /'
 fi
 
-# One fetch per server in parallel, each bounded by the timeout, so a server that
-# does not answer costs at most fetch_timeout seconds in total.
+# One fetch per server in parallel, each bounded by the timeout, so servers that
+# do not reply cost at most fetch_timeout seconds in total.
 results=$(mktemp -d)
 trap 'rm -rf "$results"' EXIT
 count=0
