@@ -595,7 +595,9 @@ def configured_servers(cfg):
     """
     Return ``{name: {...}}`` for the resolvers in ``server_names`` and the relays of
     the validated pillar ``cfg``, decoded from their stamps: kind, protocol, address
-    (IP and port dnscrypt-proxy connects to), and the provider name or host.
+    (IP and port dnscrypt-proxy connects to), and the provider name or host. Each
+    entry also carries ``_fetch`` (IP, port, provider name) for
+    :py:func:`certificate_requests`, which collect_status removes from its output.
     """
     used = set(cfg["dnscrypt"]["server_names"])
     servers = {}
