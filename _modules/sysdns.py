@@ -7,6 +7,8 @@ sys-dns before and after one test window in which every client qube resolves the
 names. A counter that did not move during real traffic cannot pass for silence.
 """
 
+import datetime
+import hashlib
 import logging
 import re
 import uuid
@@ -300,6 +302,548 @@ def check_upstream(window):
             )
         )
     return problems
+
+
+# ---------------------------------------------------------------------------
+# Status
+# ---------------------------------------------------------------------------
+
+STATUS_COMMAND = "/usr/lib/sysdns/status"
+# Seconds dom0 waits for the status helper. Its certificate fetches run in parallel
+# and each gives up after 5 s (SYSDNS_CERT_TIMEOUT in status.sh).
+STATUS_TIMEOUT_S = 60
+
+# Report lines of /usr/lib/sysdns/report and what each means when it is healthy.
+_HEALTHY_REPORT = {
+    "service": "active",
+    "firewall": "loaded",
+    "ruleset": "as-loaded",
+    "guard": "loaded",
+    "guard-ruleset": "as-loaded",
+    "input-accept": "present",
+}
+
+# Log lines of dnscrypt-proxy 2.1.8: "[TIME] [LEVEL] MESSAGE" (dlog), and the
+# messages about servers from serversInfo.go and dnscrypt_certs.go.
+_LOG_LINE_RE = re.compile(r"^\[(?P<time>[^\]]*)\] \[(?P<level>[A-Z]+)\] (?P<message>.*)$")
+_SERVER_OK_RE = re.compile(r"^\[(?P<name>[^\]]+)\] OK \((?P<proto>[A-Za-z]+)\) - rtt: (?P<rtt>\d+)ms")
+_LATENCY_RE = re.compile(r"^-\s+(?P<rtt>\d+)ms (?P<name>\S+)$")
+_LOWEST_RE = re.compile(r"^Server with the lowest initial latency: (?P<name>\S+) \(rtt: (?P<rtt>\d+)ms\)")
+_SERVER_MESSAGE_RE = re.compile(r"^\[(?P<name>[^\]]+)\]:? (?P<text>.*)$")
+
+# Layout of a DNSCrypt certificate, as dnscrypt_certs.go of dnscrypt-proxy 2.1.8
+# reads it. It starts with the magic "DNSC", es_version, a minor version and a
+# 64-byte signature. The signed part follows: resolver key (32 bytes), client magic
+# (8), then serial, ts_start and ts_end as big-endian 32-bit integers.
+_CERT_MAGIC = b"DNSC"
+_CERT_MIN_LENGTH = 124
+_CERT_CONSTRUCTIONS = {1: "XSalsa20Poly1305", 2: "XChacha20Poly1305"}
+_DNS_TYPE_TXT = 16
+
+
+def parse_status_output(output):
+    """
+    Parse the output of STATUS_COMMAND into a dict: ``files`` (name: SHA-256), the
+    report lines (``service``, ``firewall``, ``ruleset``, ``guard``,
+    ``input-accept``), ``version``, ``clock`` (int or None), ``counters`` (table:
+    {name: packets}), ``log`` (lines) and ``certificates`` (name: hex or
+    ``{"error": reason}``).
+    """
+    status = {key: None for key in _HEALTHY_REPORT}
+    status.update(files={}, version=None, clock=None, counters={}, log=[], certificates={})
+    table = None
+    table_lines = []
+    for line in output.splitlines():
+        if table is not None:
+            if line == "end counters " + table:
+                status["counters"][table] = parse_counters("\n".join(table_lines))
+                table = None
+            else:
+                table_lines.append(line)
+            continue
+        key, _, rest = line.partition(" ")
+        if key == "begin" and rest.startswith("counters "):
+            table = rest[len("counters ") :]
+            table_lines = []
+        elif key == "file":
+            words = rest.split()
+            if len(words) == 2:
+                status["files"][words[1]] = words[0]
+        elif key in _HEALTHY_REPORT:
+            status[key] = rest.strip()
+        elif key == "version":
+            status["version"] = rest.strip()
+        elif key == "clock":
+            status["clock"] = int(rest) if rest.strip().isdigit() else None
+        elif key == "log":
+            status["log"].append(rest)
+        elif key == "certificate":
+            name, _, value = rest.partition(" ")
+            if value.startswith("none"):
+                status["certificates"][name] = {"error": value[len("none") :].strip() or "no answer"}
+            else:
+                status["certificates"][name] = value.strip()
+    return status
+
+
+def parse_server_log(lines):
+    """
+    Read dnscrypt-proxy's log lines about its servers.
+
+    Returns ``{"live": [...] or None, "reached": {name: {"protocol", "rtt_ms"}},
+    "messages": {name: last warning or notice}, "other": [...]}``. ``live`` comes
+    from the last refresh summary ("Sorted latencies" block, or "Server with the
+    lowest initial latency" alone when one server is live); None when no refresh
+    finished yet. dnscrypt-proxy 2.1.8 keeps a server it once reached in that list
+    after a later refresh fails (refreshServer in serversInfo.go), so "live" means
+    reached since dnscrypt-proxy started.
+    """
+    live = None
+    block = []
+    reached = {}
+    messages = {}
+    other = []
+    for line in lines:
+        match = _LOG_LINE_RE.match(line)
+        level, message = (match.group("level"), match.group("message")) if match else ("", line)
+        ok = _SERVER_OK_RE.match(message)
+        latency = _LATENCY_RE.match(message)
+        lowest = _LOWEST_RE.match(message)
+        if ok:
+            reached[ok.group("name")] = {"protocol": ok.group("proto"), "rtt_ms": int(ok.group("rtt"))}
+        elif message == "Sorted latencies:":
+            block = []
+        elif latency:
+            block.append(latency.group("name"))
+        elif lowest:
+            live = sorted(block) if block else [lowest.group("name")]
+            block = []
+        elif _SERVER_MESSAGE_RE.match(message):
+            named = _SERVER_MESSAGE_RE.match(message)
+            messages[named.group("name")] = "{} {}".format(level, named.group("text")).strip()
+        elif level in ("WARNING", "ERROR", "CRITICAL", "FATAL"):
+            other.append("{} {}".format(level, message))
+    return {"live": live, "reached": reached, "messages": messages, "other": other}
+
+
+def _skip_dns_name(data, pos):
+    """Return the offset after the (possibly compressed) DNS name at ``pos``."""
+    while True:
+        if pos >= len(data):
+            raise ValueError("a name runs past the end of the message")
+        length = data[pos]
+        if length & 0xC0 == 0xC0:
+            return pos + 2
+        if length == 0:
+            return pos + 1
+        pos += 1 + length
+
+
+def parse_certificate_response(hex_text):
+    """
+    Parse a DNS response to a DNSCrypt certificate query, given as hexadecimal text.
+
+    Returns a list of ``{"serial", "valid_from", "valid_until", "construction"}``
+    (times in seconds since the epoch), one per certificate in the TXT answers.
+    Raises ValueError for a response that is not a DNS message or holds no
+    certificate.
+
+    NOTE: the signature is not verified here (dom0's Python has no Ed25519);
+    dnscrypt-proxy verifies it, and its "OK (DNSCrypt)" log line says it accepted one.
+    """
+    try:
+        data = bytes.fromhex(hex_text)
+    except ValueError:
+        raise ValueError("the response is not hexadecimal text") from None
+    if len(data) < 12:
+        raise ValueError("the response is shorter than a DNS header ({} bytes)".format(len(data)))
+    rcode = data[3] & 0x0F
+    if rcode != 0:
+        raise ValueError("the server answered with response code {}".format(rcode))
+    questions, answers = int.from_bytes(data[4:6], "big"), int.from_bytes(data[6:8], "big")
+    pos = 12
+    for _ in range(questions):
+        pos = _skip_dns_name(data, pos) + 4
+    certificates = []
+    for _ in range(answers):
+        pos = _skip_dns_name(data, pos)
+        if pos + 10 > len(data):
+            raise ValueError("an answer record runs past the end of the message")
+        rtype = int.from_bytes(data[pos : pos + 2], "big")
+        rdlength = int.from_bytes(data[pos + 8 : pos + 10], "big")
+        rdata = data[pos + 10 : pos + 10 + rdlength]
+        pos += 10 + rdlength
+        if rtype != _DNS_TYPE_TXT or len(rdata) != rdlength:
+            continue
+        text = b""
+        index = 0
+        while index < len(rdata):
+            size = rdata[index]
+            text += rdata[index + 1 : index + 1 + size]
+            index += 1 + size
+        if len(text) < _CERT_MIN_LENGTH or text[:4] != _CERT_MAGIC:
+            continue
+        version = int.from_bytes(text[4:6], "big")
+        certificates.append(
+            {
+                "serial": int.from_bytes(text[112:116], "big"),
+                "valid_from": int.from_bytes(text[116:120], "big"),
+                "valid_until": int.from_bytes(text[120:124], "big"),
+                "construction": _CERT_CONSTRUCTIONS.get(version, "unknown ({})".format(version)),
+            }
+        )
+    if not certificates:
+        raise ValueError("the response contains no DNSCrypt certificate")
+    return certificates
+
+
+def _utc(seconds):
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def describe_certificate(fetched, clock):
+    """
+    Describe the certificates of one DNSCrypt server against the qube's clock.
+
+    fetched
+        The hexadecimal response from the status helper, or ``{"error": reason}``.
+    clock
+        The qube's time in seconds since the epoch, or None when unknown.
+
+    Returns a dict with ``valid_now`` (True, False or None when unknown), the window
+    of the newest certificate valid now (else of the newest one) and ``problem``.
+    """
+    if isinstance(fetched, dict):
+        return {"valid_now": None, "problem": "certificate not fetched: {}".format(fetched.get("error"))}
+    try:
+        certificates = parse_certificate_response(fetched)
+    except ValueError as error:
+        return {"valid_now": None, "problem": "certificate unreadable: {}".format(error)}
+    if clock is None:
+        valid = []
+    else:
+        valid = [cert for cert in certificates if cert["valid_from"] <= clock <= cert["valid_until"]]
+    chosen = max(valid or certificates, key=lambda cert: cert["serial"])
+    described = {
+        "valid_now": None if clock is None else bool(valid),
+        "valid_from": _utc(chosen["valid_from"]),
+        "valid_until": _utc(chosen["valid_until"]),
+        "serial": chosen["serial"],
+        "construction": chosen["construction"],
+        "certificates": len(certificates),
+    }
+    if clock is None:
+        described["problem"] = "the clock of the qube is unknown"
+    elif valid:
+        described["days_left"] = round((chosen["valid_until"] - clock) / 86400, 1)
+    else:
+        described["problem"] = (
+            "no certificate is valid at the qube's time {} (newest: {} to {}): check the clock of the qube".format(
+                _utc(clock), described["valid_from"], described["valid_until"]
+            )
+        )
+    return described
+
+
+def _netvm_path(qubes, name):
+    """Return ``[name, its netvm, that qube's netvm, ...]`` until a qube without one."""
+    path = [name]
+    current = qubes.get(name)
+    while current and current.get("netvm") and current["netvm"] not in path:
+        path.append(current["netvm"])
+        current = qubes.get(current["netvm"])
+    return path
+
+
+def _service_qube_status(qubes, cfg, problems):
+    name = cfg["qube"]["name"]
+    row = qubes.get(name)
+    if row is None:
+        problems.append("qube {} not found: run qubes.network.sys-dns".format(name))
+        return {"name": name, "exists": False}
+    described = {
+        "name": name,
+        "exists": True,
+        "class": row["class"],
+        "template": row["template"],
+        "state": row["state"],
+        "netvm": row["netvm"],
+        "provides_network": row["provides_network"],
+    }
+    if row["class"] != cfg["qube"]["class"]:
+        problems.append("{}: class is {}, the pillar asks for {}".format(name, row["class"], cfg["qube"]["class"]))
+    if row["netvm"] != cfg["qube"]["netvm"]:
+        problems.append("{}: netvm is {}, expected {}".format(name, row["netvm"], cfg["qube"]["netvm"]))
+    if not row["provides_network"]:
+        problems.append("{}: provides_network is False, expected True".format(name))
+    if row["state"] != "Running":
+        problems.append(
+            "{} is {}, so downstream qubes have no DNS: start it (qvm-start {}); status does not start it".format(
+                name, row["state"], name
+            )
+        )
+    return described
+
+
+def _chain_status(qubes, cfg, problems):
+    """Describe, for each qube the pillar rewires, its netvm path and whether it passes through sys-dns."""
+    service = cfg["qube"]["name"]
+    chain = {}
+    for name in cfg["rewire"]:
+        row = qubes.get(name)
+        if row is None:
+            chain[name] = {"exists": False, "through_sysdns": False}
+            problems.append("qube {} (sysdns:rewire) not found".format(name))
+            continue
+        path = _netvm_path(qubes, name)
+        through = service in path[1:]
+        chain[name] = {
+            "netvm": row["netvm"],
+            "path": " -> ".join(path),
+            "through_sysdns": through,
+            "state": row["state"],
+        }
+        if not through:
+            problems.append(
+                "{}: netvm is {}, so its DNS does not pass through {}: run qubes.network.sys-dns".format(
+                    name, row["netvm"], service
+                )
+            )
+    return chain
+
+
+def _endpoint(ip, port):
+    if ip is None:
+        return None
+    return "[{}]:{}".format(ip, port) if ":" in ip else "{}:{}".format(ip, port)
+
+
+def configured_servers(cfg):
+    """
+    Return ``{name: {...}}`` for the resolvers in ``server_names`` and the relays of
+    the validated pillar ``cfg``, decoded from their stamps: kind, protocol, address
+    (IP and port dnscrypt-proxy connects to), and the provider name or host. Each
+    entry also carries ``_fetch`` (IP, port, provider name) for
+    :py:func:`certificate_requests`, which collect_status removes from its output.
+    """
+    used = set(cfg["dnscrypt"]["server_names"])
+    servers = {}
+    for kind, entries in (("resolver", cfg["dnscrypt"]["resolvers"]), ("relay", cfg["dnscrypt"]["relays"])):
+        for entry in entries:
+            if kind == "resolver" and entry["name"] not in used:
+                continue
+            decoded = __salt__["sysdns_config.decode_stamp"](entry["stamp"])
+            server = {"kind": kind, "protocol": decoded["proto"], "address": _endpoint(decoded["ip"], decoded["port"])}
+            if decoded["provider_name"]:
+                server["provider_name"] = decoded["provider_name"]
+            if decoded["host"]:
+                server["host"] = decoded["host"]
+            servers[entry["name"]] = server
+            server["_fetch"] = (decoded["ip"], decoded["port"], decoded["provider_name"])
+    return servers
+
+
+def certificate_requests(servers):
+    """
+    Return the standard input of STATUS_COMMAND: one "NAME IP PORT PROVIDER" line per
+    DNSCrypt resolver. Validation rejects stamps on port 53, so no fetch meets the
+    redirect of sys-dns's own port-53 traffic.
+    """
+    lines = []
+    for name, server in sorted(servers.items()):
+        ip, port, provider = server["_fetch"]
+        if server["protocol"] == "dnscrypt":
+            lines.append("{} {} {} {}\n".format(name, ip, port, provider))
+    return "".join(lines)
+
+
+def _drift_status(report, wanted_files, problems, qube):
+    wanted = {name: hashlib.sha256(content.encode("utf-8")).hexdigest() for name, content in wanted_files.items()}
+    have = report["files"]
+    files = {}
+    for name in sorted(set(wanted) | set(have)):
+        if name not in have:
+            files[name] = "missing"
+        elif name not in wanted:
+            files[name] = "not rendered by the pillar"
+        elif have[name] != wanted[name]:
+            files[name] = "differs from the pillar"
+        else:
+            files[name] = "matches"
+    drifted = ["{} ({})".format(name, state) for name, state in files.items() if state != "matches"]
+    if drifted:
+        problems.append(
+            "{}: /rw/config/sysdns differs from what the pillar renders: {}; the next build restores it".format(
+                qube, ", ".join(drifted)
+            )
+        )
+    for key, table in (("ruleset", "inet sysdns"), ("guard-ruleset", "inet sysdns_guard")):
+        if report[key] == "modified":
+            problems.append(
+                "{}: the rules of table {} changed since they were loaded; the next build reloads them".format(
+                    qube, table
+                )
+            )
+        elif report[key] == "unrecorded":
+            problems.append(
+                "{}: table {} was loaded without a recorded digest, so runtime changes cannot be "
+                "detected; the next build reloads it".format(qube, table)
+            )
+    for key in ("firewall", "guard", "input-accept"):
+        if report[key] != _HEALTHY_REPORT[key]:
+            problems.append("{}: {} is {}, expected {}".format(qube, key, report[key], _HEALTHY_REPORT[key]))
+    return {
+        "in_sync": not drifted
+        and all(report[key] == _HEALTHY_REPORT[key] for key in _HEALTHY_REPORT if key != "service"),
+        "files": files,
+        "table inet sysdns": {"firewall": report["firewall"], "ruleset": report["ruleset"]},
+        "table inet sysdns_guard": {"guard": report["guard"], "ruleset": report["guard-ruleset"]},
+        "custom-input accept": report["input-accept"],
+    }
+
+
+def _counter_status(counters):
+    main = counters.get("inet sysdns", {})
+    guard = counters.get("inet sysdns_guard", {})
+    return {
+        "queries_redirected": main.get("redirected"),
+        "plaintext_dropped_at_uplink": main.get("leak_dropped"),
+        "plaintext_dropped_by_guard": guard.get("output_dropped"),
+        "plaintext_leaked": main.get("leaked"),
+        "tables": counters,
+    }
+
+
+def _server_status(servers, report, problems, qube):
+    running = report["service"] == "active"
+    log_view = parse_server_log(report["log"])
+    live = log_view["live"] if log_view["live"] is not None else sorted(log_view["reached"])
+    for name, server in servers.items():
+        del server["_fetch"]
+        if server["kind"] == "resolver":
+            server["live"] = running and name in live
+        if name in log_view["messages"]:
+            server["last_message"] = log_view["messages"][name]
+        if server["protocol"] == "dnscrypt":
+            if name in report["certificates"]:
+                server["certificate"] = describe_certificate(report["certificates"][name], report["clock"])
+                if server["certificate"].get("problem"):
+                    problems.append("{}: server {}: {}".format(qube, name, server["certificate"]["problem"]))
+            else:
+                server["certificate"] = {"valid_now": None, "problem": "not fetched: the status helper printed nothing"}
+                problems.append("{}: server {}: the status helper printed no certificate line".format(qube, name))
+    if running and not any(server.get("live") for server in servers.values()):
+        problems.append("{}: dnscrypt-proxy reports no live server yet".format(qube))
+    return {
+        "service": report["service"],
+        "running": running,
+        "version": report["version"],
+        "live_servers": [name for name in live if name in servers] if running else [],
+        "log_problems": log_view["other"][-5:],
+    }
+
+
+def collect_status(pillar=None):
+    """
+    Gather the state of sys-dns into a dict, read-only: one qvm-ls call, and one
+    qvm-run of the status helper in sys-dns when it runs (never starting it).
+
+    pillar
+        The ``sysdns`` pillar; None reads it with ``pillar.get``.
+
+    Keys:
+
+    - ``ok`` and ``problems`` (sentences that name the fix);
+    - ``qube``: class, template, state and netvm of sys-dns;
+    - ``chain``: each rewired qube, its netvm path, and whether it passes through sys-dns;
+    - ``dnscrypt_proxy``: service, version and live servers;
+    - ``servers``: protocol, address and liveness of each server, and for DNSCrypt
+      the certificate window against the qube's clock;
+    - ``counters``: the nft counters since the tables were last loaded;
+    - ``drift``: each file of /rw/config/sysdns against the pillar, and the loaded
+      table against its digest at load time;
+    - ``clock``: the qube's time.
+    """
+    if pillar is None:
+        pillar = __salt__["pillar.get"]("sysdns", {})
+    cfg = __salt__["sysdns_config.validate"](pillar)
+    problems = []
+    qubes = __salt__["sysdns_qvm.list_qubes"](refresh=True)
+    service = _service_qube_status(qubes, cfg, problems)
+    status = {
+        "qube": service,
+        "chain": _chain_status(qubes, cfg, problems),
+        "problems": problems,
+    }
+    servers = configured_servers(cfg)
+    name = cfg["qube"]["name"]
+
+    report = None
+    if service.get("state") == "Running":
+        result = __salt__["sysdns_qvm.run"](
+            name,
+            STATUS_COMMAND,
+            stdin=certificate_requests(servers),
+            autostart=False,
+            check=False,
+            timeout=STATUS_TIMEOUT_S,
+        )
+        if result["retcode"] == 0:
+            report = parse_status_output(result["stdout"])
+        else:
+            problems.append(
+                "{}: the status helper failed ({}); a template built before it existed lacks {}: "
+                "run qubes.network.sys-dns".format(
+                    name,
+                    (result["stderr"] or result["stdout"]).strip()[-500:] or "exit code {}".format(result["retcode"]),
+                    STATUS_COMMAND,
+                )
+            )
+
+    if report is None:
+        unknown = "unknown: {} is {}".format(name, service.get("state", "missing") if service["exists"] else "missing")
+        for server in servers.values():
+            del server["_fetch"]
+        status.update(
+            dnscrypt_proxy={"service": unknown, "running": False},
+            servers=servers,
+            counters=unknown,
+            drift={"in_sync": None, "files": unknown},
+            clock=None,
+        )
+    else:
+        status["dnscrypt_proxy"] = _server_status(servers, report, problems, name)
+        if not status["dnscrypt_proxy"]["running"]:
+            problems.append("{}: dnscrypt-proxy is not running (service {})".format(name, report["service"]))
+        status.update(
+            servers=servers,
+            counters=_counter_status(report["counters"]),
+            drift=_drift_status(report, __salt__["sysdns_config.config_files"](cfg), problems, name),
+            clock=_utc(report["clock"]) if report["clock"] is not None else None,
+        )
+    status["ok"] = not problems
+    return status
+
+
+def status():
+    """
+    Show the state of sys-dns, read-only and without starting any qube.
+
+    The output contains the netvm chain, the class, template and power state of
+    sys-dns, dnscrypt-proxy's version and live servers, each server's protocol,
+    address and DNSCrypt certificate window, and the nft counters. It also says
+    whether the configuration in sys-dns still matches what the pillar renders.
+    Costs one qvm-ls call and, when sys-dns runs, one qvm-run call. The data comes
+    from :py:func:`collect_status`.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        qubesctl sysdns.status
+        qubesctl sysdns.status --out=json
+    """
+    return collect_status()
 
 
 # ---------------------------------------------------------------------------

@@ -33,6 +33,14 @@ CONFIG_DIR = "/rw/config/sysdns"
 TOML_PATH = CONFIG_DIR + "/dnscrypt-proxy.toml"
 NFT_PATH = CONFIG_DIR + "/sysdns.nft"
 APPLY_SCRIPT_PATH = "/usr/lib/sysdns/apply-firewall"
+# SHA-256 of `nft -s list table inet sysdns` taken by the apply script right after
+# loading the table. /run is a tmpfs, so a reboot drops it with the table. The report
+# helper compares the loaded table with it to find rules changed at runtime.
+RUN_DIR = "/run/sysdns"
+RULESET_RECORD_PATH = RUN_DIR + "/ruleset.sha256"
+# The same for the fixed guard table inet sysdns_guard, written by sysdns-guard.service
+# as sha256sum prints it.
+GUARD_RECORD_PATH = RUN_DIR + "/guard.sha256"
 UNIT_DIR = "/etc/systemd/system"
 # Both directories are created by the unit (LogsDirectory=, CacheDirectory=) and owned
 # by the service user, so dnscrypt-proxy can write there after dropping root.
@@ -2153,21 +2161,30 @@ def render_firewall_apply_script():
     jumping to ``custom-input``, the chain Qubes reserves for users. The script
     replaces its own rules there (comment ``sysdns``) in one nft transaction per
     family, so repeated runs leave exactly one copy, and skips a family whose table
-    is missing (``ip6 qubes`` exists only with IPv6 enabled). The optional first
-    argument overrides the ruleset path.
+    is missing (``ip6 qubes`` exists only with IPv6 enabled). After loading, it
+    records the SHA-256 of the stateless listing of the table (``nft -s``, without
+    counter values) in ``RULESET_RECORD_PATH``. The optional first argument
+    overrides the ruleset path, the second the record path.
     """
     return f"""#!/bin/sh
-# Load the sysdns nftables table, then accept downstream DNS in Qubes'
-# custom-input chains. Runs at boot (sysdns-firewall.service) and on every
-# reload, and idempotent.
+# Load the sysdns nftables table, record a digest of it as loaded, then accept
+# downstream DNS in Qubes' custom-input chains. Runs at boot
+# (sysdns-firewall.service) and on every reload, and idempotent.
 # Written by {FORMULA}. Edits are overwritten when the template is updated.
 set -eu
 
 ruleset=${{1:-{NFT_PATH}}}
+record=${{2:-{RULESET_RECORD_PATH}}}
 chain=custom-input
 tag=sysdns
 
 nft -f "$ruleset"
+# The report helper compares the loaded table with this digest: a rule deleted or
+# added at runtime changes the listing without touching any file.
+mkdir -p "${{record%/*}}"
+listing=$(nft -s list table {NFT_TABLE})
+sum=$(printf '%s\\n' "$listing" | sha256sum)
+printf '%s\\n' "${{sum%% *}}" >"$record"
 
 for family in ip ip6; do
     if ! listing=$(nft -a list chain "$family" qubes "$chain" 2>/dev/null); then
@@ -2301,6 +2318,9 @@ Wants=network-pre.target
 Type=oneshot
 RemainAfterExit=yes
 ExecStart=/usr/sbin/nft -f {GUARD_RULESET_PATH}
+# A digest of the table as loaded, without counter values, for the report helper,
+# which compares the loaded table with it to find rules changed at runtime.
+ExecStartPost=/bin/sh -c 'mkdir -p {RUN_DIR} && nft -s list table inet sysdns_guard | sha256sum >{GUARD_RECORD_PATH}'
 
 [Install]
 WantedBy=multi-user.target

@@ -434,7 +434,15 @@ def mod_watch(name, sfun=None, restart_on_change=True, **kwargs):
 
 def parse_report(output):
     """Parse the output of the report helper into a dict."""
-    report = {"files": {}, "service": None, "firewall": None, "guard": None, "input-accept": None}
+    report = {
+        "files": {},
+        "service": None,
+        "firewall": None,
+        "ruleset": None,
+        "guard": None,
+        "guard-ruleset": None,
+        "input-accept": None,
+    }
     for line in output.splitlines():
         words = line.split()
         if len(words) == 3 and words[0] == "file":
@@ -449,7 +457,33 @@ def _service_changes(report):
     for key, good in (("service", "active"), ("firewall", "loaded"), ("guard", "loaded"), ("input-accept", "present")):
         if report.get(key) != good:
             changes[key] = {"old": report[key], "new": good}
+    # A loaded table whose rules changed at runtime (nft delete rule, nft flush chain)
+    # no longer matches the digest recorded when it was loaded: reload it. A report
+    # without the line comes from a template built before the digests existed.
+    for table, key in (("firewall", "ruleset"), ("guard", "guard-ruleset")):
+        if report.get(table) == "loaded" and report.get(key) not in (None, "as-loaded"):
+            changes[key] = {"old": report[key], "new": "as-loaded"}
     return changes
+
+
+def _restored(file_changes, recorded, report):
+    """
+    Name what a run puts back because it was changed inside the qube rather than in
+    the pillar. These are files whose content differs from the last applied record
+    while the pillar still renders that record, rules of the loaded tables changed at
+    runtime, and accept rules removed from custom-input while the table stayed loaded.
+    """
+    restored = []
+    if recorded is not None:
+        restored += [filename for filename, change in file_changes.items() if recorded.get(filename) == change["new"]]
+    if report is not None:
+        service_changes = _service_changes(report)
+        for key, table in (("ruleset", "inet sysdns"), ("guard-ruleset", "inet sysdns_guard")):
+            if key in service_changes:
+                restored.append("rules of table {} ({})".format(table, report[key]))
+        if report.get("firewall") == "loaded" and "input-accept" in service_changes:
+            restored.append("accept rules in custom-input ({})".format(report["input-accept"]))
+    return restored
 
 
 def _read_report(name):
@@ -496,7 +530,14 @@ def config_applied(name, files, restart_qube=None):
             if recorded is None:
                 # Never configured: once started, the qube will show what a fresh
                 # template gives: the guard, but a stopped service and no firewall.
-                report = {"service": "inactive", "firewall": "missing", "guard": "loaded", "input-accept": "missing"}
+                report = {
+                    "service": "inactive",
+                    "firewall": "missing",
+                    "ruleset": "missing",
+                    "guard": "loaded",
+                    "guard-ruleset": "as-loaded",
+                    "input-accept": "missing",
+                }
         else:
             have = recorded or {}
 
@@ -517,9 +558,11 @@ def config_applied(name, files, restart_qube=None):
             return ret
 
         ret["changes"] = changes
+        restored = _restored(file_changes, recorded, report)
+        suffix = "; restored after changes inside the qube: " + ", ".join(restored) if restored else ""
         if __opts__["test"]:
             ret["result"] = None
-            ret["comment"] = "Configuration of {} would have been applied".format(name)
+            ret["comment"] = "Configuration of {} would have been applied{}".format(name, suffix)
             return ret
 
         archive = __salt__["sysdns_qvm.pack_files"](
@@ -537,7 +580,7 @@ def config_applied(name, files, restart_qube=None):
                 __salt__["sysdns_qvm.set_json_feature"](name, CONFIG_FEATURE, wanted)
             if report is not None and (file_changes or _service_changes(report)):
                 __salt__["sysdns_qvm.restart"](restart_qube)
-        ret["comment"] = "Configuration of {} has been applied".format(name)
+        ret["comment"] = "Configuration of {} has been applied{}".format(name, suffix)
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["changes"] = {}
         return _fail(ret, str(exc))

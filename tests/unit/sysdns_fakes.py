@@ -67,6 +67,9 @@ class FakeQubes:
         self.sources = "deb http://deb.debian.org/debian bookworm main\n"
         self.fail_commands = {}
         self.guard_state = {}
+        # What the report helper prints on its "ruleset" line, per qube.
+        self.ruleset_state = {}
+        self.guard_ruleset_state = {}
         self.setup_output = "dnscrypt-proxy 2.1.8\nsysdns: template setup complete\n"
         # Global properties (qubes-prefs) that name a qube.
         self.global_prefs = {"default_netvm": "sys-firewall", "updatevm": "sys-net", "clockvm": "sys-net"}
@@ -215,7 +218,10 @@ class FakeQubes:
             ]
             state = self.service_state.get(name, ("inactive", "missing", "missing"))
             guard = self.guard_state.get(name, "loaded")
-            lines += ["service " + state[0], "firewall " + state[1], "guard " + guard, "input-accept " + state[2]]
+            ruleset = self.ruleset_state.get(name, "as-loaded" if state[1] == "loaded" else "missing")
+            lines += ["service " + state[0], "firewall " + state[1], "ruleset " + ruleset]
+            guard_ruleset = self.guard_ruleset_state.get(name, "as-loaded" if guard == "loaded" else "missing")
+            lines += ["guard " + guard, "guard-ruleset " + guard_ruleset, "input-accept " + state[2]]
             return {"retcode": 0, "stdout": "\n".join(lines) + "\n", "stderr": ""}
         if command.startswith("cat /etc/os-release"):
             return {"retcode": 0, "stdout": self.os_release + "--- sources\n" + self.sources, "stderr": ""}
@@ -223,6 +229,8 @@ class FakeQubes:
             self._change("install-config", name)
             self.config_files[name] = unpack_files(stdin)
             self.guard_state[name] = "loaded"
+            self.ruleset_state[name] = "as-loaded"
+            self.guard_ruleset_state[name] = "as-loaded"
             self.service_state[name] = ("active", "loaded", "present")
         else:
             self._change("run", name, command)

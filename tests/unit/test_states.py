@@ -398,3 +398,72 @@ def test_config_applied_restores_missing_guard(fake):
     ret = states(fake).config_applied("sys-dns", CONFIG)
     assert ret["changes"] == {"guard": {"old": "missing", "new": "loaded"}}
     assert fake.guard_state["sys-dns"] == "loaded"
+
+
+def test_config_applied_names_restored_file(fake):
+    build_sequence(states(fake))
+    fake.config_files["sys-dns"]["dnscrypt-proxy.toml"] = "edited by hand\n"
+
+    predicted = states(fake, test=True).config_applied("sys-dns", CONFIG)
+    ret = states(fake).config_applied("sys-dns", CONFIG)
+
+    suffix = "; restored after changes inside the qube: dnscrypt-proxy.toml"
+    assert predicted["comment"] == "Configuration of sys-dns would have been applied" + suffix
+    assert ret["comment"] == "Configuration of sys-dns has been applied" + suffix
+    assert ret["changes"] == predicted["changes"]
+
+
+def test_config_applied_pillar_change_is_no_restore(fake):
+    build_sequence(states(fake))
+
+    ret = states(fake).config_applied("sys-dns", dict(CONFIG, **{"dnscrypt-proxy.toml": "new\n"}))
+
+    assert ret["comment"] == "Configuration of sys-dns has been applied"
+    assert list(ret["changes"]["files"]) == ["dnscrypt-proxy.toml"]
+
+
+def test_config_applied_reloads_modified_ruleset(fake):
+    build_sequence(states(fake))
+    fake.ruleset_state["sys-dns"] = "modified"
+    fake.changes.clear()
+
+    predicted = states(fake, test=True).config_applied("sys-dns", CONFIG)
+    assert fake.changes == []
+    ret = states(fake).config_applied("sys-dns", CONFIG)
+
+    assert ret["changes"] == {"ruleset": {"old": "modified", "new": "as-loaded"}}
+    assert predicted["changes"] == ret["changes"]
+    assert ret["comment"].endswith("restored after changes inside the qube: rules of table inet sysdns (modified)")
+    assert ("install-config", "sys-dns") in fake.changes
+    assert states(fake).config_applied("sys-dns", CONFIG)["changes"] == {}
+
+
+def test_config_applied_missing_table_is_no_ruleset_change(fake):
+    build_sequence(states(fake))
+    fake.service_state["sys-dns"] = ("active", "missing", "present")
+
+    ret = states(fake, test=True).config_applied("sys-dns", CONFIG)
+
+    assert ret["changes"] == {"firewall": {"old": "missing", "new": "loaded"}}
+    assert ret["comment"] == "Configuration of sys-dns would have been applied"
+
+
+def test_config_applied_reloads_modified_guard(fake):
+    build_sequence(states(fake))
+    fake.guard_ruleset_state["sys-dns"] = "modified"
+
+    ret = states(fake).config_applied("sys-dns", CONFIG)
+
+    assert ret["changes"] == {"guard-ruleset": {"old": "modified", "new": "as-loaded"}}
+    assert ret["comment"].endswith("rules of table inet sysdns_guard (modified)")
+    assert states(fake).config_applied("sys-dns", CONFIG)["changes"] == {}
+
+
+def test_config_applied_restores_accept_rules(fake):
+    build_sequence(states(fake))
+    fake.service_state["sys-dns"] = ("active", "loaded", "incomplete")
+
+    ret = states(fake).config_applied("sys-dns", CONFIG)
+
+    assert ret["changes"] == {"input-accept": {"old": "incomplete", "new": "present"}}
+    assert ret["comment"].endswith("restored after changes inside the qube: accept rules in custom-input (incomplete)")

@@ -14,6 +14,7 @@
       '/usr/lib/sysdns/setup-template': 'setup-template.sh',
       '/usr/lib/sysdns/install-config': 'install-config.sh',
       '/usr/lib/sysdns/report': 'report.sh',
+      '/usr/lib/sysdns/status': 'status.sh',
       '/usr/lib/sysdns/probe-upstream': 'probe-upstream.sh',
       '/usr/lib/sysdns/diagnose': 'diagnose.sh',
     } %}

@@ -4,6 +4,7 @@ Every namespace is created here and removed afterwards; none has a route out, an
 the only addresses used are Qubes' internal ranges and documentation addresses.
 """
 
+import hashlib
 import re
 import subprocess
 
@@ -80,8 +81,9 @@ def test_apply_script_idempotent(namespaces, tmp_path):
     _load_qubes_tables(namespaces, namespace, QUBES_TABLES, tmp_path)
     script, ruleset = _write_apply(tmp_path, config.validate({}))
 
-    first = namespaces.run(namespace, "sh", str(script), str(ruleset))
-    second = namespaces.run(namespace, "sh", str(script), str(ruleset))
+    record = tmp_path / "run" / "ruleset.sha256"
+    first = namespaces.run(namespace, "sh", str(script), str(ruleset), str(record))
+    second = namespaces.run(namespace, "sh", str(script), str(ruleset), str(record))
 
     assert first.returncode == 0
     assert second.returncode == 0
@@ -105,7 +107,7 @@ def test_apply_script_without_ip6_qubes(namespaces, tmp_path):
     _load_qubes_tables(namespaces, namespace, ipv4_only, tmp_path)
     script, ruleset = _write_apply(tmp_path, config.validate({}))
 
-    result = namespaces.run(namespace, "sh", str(script), str(ruleset))
+    result = namespaces.run(namespace, "sh", str(script), str(ruleset), str(tmp_path / "ruleset.sha256"))
 
     assert result.returncode == 0, result.stderr
     assert "no ip6 qubes custom-input chain, skipped" in result.stderr
@@ -118,10 +120,28 @@ def test_apply_script_fails_on_bad_ruleset(namespaces, tmp_path):
     script, ruleset = _write_apply(tmp_path, config.validate({}))
     ruleset.write_text("table inet sysdns {\n\tchain x { nonsense }\n}\n")
 
-    result = namespaces.run(namespace, "sh", str(script), str(ruleset), check=False)
+    record = tmp_path / "ruleset.sha256"
+    result = namespaces.run(namespace, "sh", str(script), str(ruleset), str(record), check=False)
 
     assert result.returncode != 0
     assert _sysdns_rules(namespaces, namespace, "ip") == []
+    assert not record.exists()
+
+
+def test_apply_script_records_loaded_table(namespaces, tmp_path):
+    namespace = namespaces.add("record")
+    _load_qubes_tables(namespaces, namespace, QUBES_TABLES, tmp_path)
+    script, ruleset = _write_apply(tmp_path, config.validate({}))
+    record = tmp_path / "run" / "ruleset.sha256"
+
+    namespaces.run(namespace, "sh", str(script), str(ruleset), str(record))
+    listing = namespaces.run(namespace, "nft", "-s", "list", "table", "inet", "sysdns").stdout
+    namespaces.run(namespace, "nft", "flush", "chain", "inet", "sysdns", "redirect_downstream")
+    flushed = namespaces.run(namespace, "nft", "-s", "list", "table", "inet", "sysdns").stdout
+
+    # The canonical form: the stateless listing with exactly one final newline.
+    assert record.read_text() == hashlib.sha256((listing.rstrip("\n") + "\n").encode()).hexdigest() + "\n"
+    assert hashlib.sha256((flushed.rstrip("\n") + "\n").encode()).hexdigest() not in record.read_text()
 
 
 def test_ruleset_reload_keeps_one_table(namespaces, tmp_path):
