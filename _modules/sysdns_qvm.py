@@ -211,6 +211,26 @@ def get_pref(name, prop, refresh=False):
     return __context__[key]
 
 
+def parse_default_prefs(output):
+    """
+    Return the names of the properties at their default in the table that
+    ``qvm-prefs QUBE`` prints: name, then "D" (default), "-" (set) or "U" (unset),
+    then the value (qubesadmin/tools/qvm_prefs.py, qubes-core-admin-client 4.2).
+    """
+    return {words[0] for words in (line.split() for line in output.splitlines()) if len(words) >= 2 and words[1] == "D"}
+
+
+def default_prefs(name):
+    """
+    Return the names of a qube's properties that follow their default, read with one
+    ``qvm-prefs`` call.
+
+    name
+        Qube name.
+    """
+    return parse_default_prefs(_call(["qvm-prefs", name])["stdout"])
+
+
 def format_pref(value):
     """Format a property value the way qvm-prefs takes it on its command line."""
     if isinstance(value, bool):

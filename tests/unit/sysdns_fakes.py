@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+LEGACY_SCRIPT_PATH = "qubes-sysdns-formula/qubes/network/sys-dns/files/legacy-artifacts.sh"
 
 
 def load_salt_module(relative_path, **dunders):
@@ -64,8 +65,18 @@ class FakeQubes:
         self.os_release = 'ID=debian\nVERSION_ID="12"\nVERSION_CODENAME=bookworm\n'
         self.sources = "deb http://deb.debian.org/debian bookworm main\n"
         self.fail_commands = {}
+        # Properties that follow their default ({name: {property}}), as qvm-prefs shows "D".
+        self.defaults_of = {}
+        # Commands missing in a qube ({name: {command}}): its shell exits with 127.
+        self.missing_commands = {}
         self.guard_state = {}
         self.setup_output = "dnscrypt-proxy 2.1.8\nsysdns: template setup complete\n"
+        # What the original hand-written sys-dns design left in each qube, as the IDs
+        # its legacy script prints, and the files of the Salt file server.
+        self.legacy_artifacts = {}
+        self.salt_files = {
+            "salt://qubes/network/sys-dns/files/legacy-artifacts.sh": (ROOT / LEGACY_SCRIPT_PATH).read_text(),
+        }
         # Global properties (qubes-prefs) that name a qube.
         self.global_prefs = {"default_netvm": "sys-firewall", "updatevm": "sys-net", "clockvm": "sys-net"}
 
@@ -79,6 +90,10 @@ class FakeQubes:
     def get_pref(self, name, prop, refresh=False):
         self._require(name)
         return self.qubes[name].get(prop)
+
+    def default_prefs(self, name):
+        self._require(name)
+        return set(self.defaults_of.get(name, ()))
 
     def is_running(self, name, refresh=False):
         return name in self.qubes and self.qubes[name]["state"] == "Running"
@@ -131,7 +146,7 @@ class FakeQubes:
         self._change("start", name)
         self.qubes[name]["state"] = "Running"
 
-    def shutdown(self, name, timeout=120):
+    def shutdown(self, name, timeout=120, force=False):
         self._change("shutdown", name)
         self.qubes[name]["state"] = "Halted"
 
@@ -177,6 +192,8 @@ class FakeQubes:
             if not autostart:
                 return {"retcode": 1, "stdout": "", "stderr": "qube not running"}
             self.start(name)
+        if command in self.missing_commands.get(name, ()):
+            return {"retcode": 127, "stdout": "", "stderr": "sh: 1: {}: not found".format(command)}
         if command in self.fail_commands:
             from salt.exceptions import CommandExecutionError
 
@@ -190,6 +207,13 @@ class FakeQubes:
             guard = self.guard_state.get(name, "loaded")
             lines += ["service " + state[0], "firewall " + state[1], "guard " + guard, "input-accept " + state[2]]
             return {"retcode": 0, "stdout": "\n".join(lines) + "\n", "stderr": ""}
+        if command in ("sh -s list", "sh -s remove"):
+            found = sorted(self.legacy_artifacts.get(name, ()))
+            if command == "sh -s list":
+                return {"retcode": 0, "stdout": "".join("present " + item + "\n" for item in found), "stderr": ""}
+            self._change("legacy-remove", name)
+            self.legacy_artifacts[name] = set()
+            return {"retcode": 0, "stdout": "".join("removed " + item + "\n" for item in found), "stderr": ""}
         if command.startswith("cat /etc/os-release"):
             return {"retcode": 0, "stdout": self.os_release + "--- sources\n" + self.sources, "stderr": ""}
         if command.endswith("/install-config"):
@@ -207,8 +231,9 @@ class FakeQubes:
         """Return a __salt__ dict that routes sysdns_qvm.* to this fake."""
         names = (
             "list_qubes get_qube get_pref is_running features json_feature set_pref set_feature "
-            "set_json_feature create clone start shutdown restart pack_files run dependents remove"
+            "set_json_feature create clone start shutdown restart pack_files run dependents remove default_prefs"
         ).split()
         functions = {"sysdns_qvm." + name: getattr(self, name) for name in names}
         functions["sysdns_config.render_apt_sources"] = config_module.render_apt_sources
+        functions["cp.get_file_str"] = self.salt_files.get
         return functions
