@@ -248,6 +248,17 @@ def pref_is_default(name, prop, refresh=False):
     return __context__[key][prop]
 
 
+def default_prefs(name):
+    """
+    Return the names of a qube's properties that follow their default, read with one
+    ``qvm-prefs`` call.
+
+    name
+        Qube name.
+    """
+    return {prop for prop, is_default in parse_qvm_prefs(_call(["qvm-prefs", name])["stdout"]).items() if is_default}
+
+
 def format_pref(value):
     """Format a property value the way qvm-prefs takes it on its command line."""
     if isinstance(value, bool):

@@ -283,6 +283,23 @@ def _compare_prefs(name, qube, prefs):
     return changes
 
 
+def _pinned_defaults(name, prefs, pref_changes):
+    """
+    Return changes that set explicitly the requested properties of a qube that still
+    follow their default with the requested value.
+
+    A qube the formula creates gets every property set explicitly. A qube it adopts
+    (one built by hand, without the feature ``service.sysdns``) gets the same, so that
+    a later change of a default, such as the template's memory, reaches neither.
+    """
+    defaults = __salt__["sysdns_qvm.default_prefs"](name)
+    return {
+        prop: {"old": "{} (default)".format(value), "new": value}
+        for prop, value in sorted(prefs.items())
+        if prop in defaults and prop not in pref_changes
+    }
+
+
 def qube_present(name, template, label, klass="AppVM", prefs=None, features=None):
     """
     Ensure a qube exists with the class, template, label, properties and features given.
@@ -340,6 +357,8 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
             pref_changes = {prop: {"old": None, "new": value} for prop, value in prefs.items()}
         else:
             pref_changes = _compare_prefs(name, qube, prefs)
+            if BUILT_FEATURE in features and BUILT_FEATURE not in have_features:
+                pref_changes.update(_pinned_defaults(name, prefs, pref_changes))
         if pref_changes and qube is not None:
             changes["prefs"] = pref_changes
         feature_changes = {
@@ -361,9 +380,10 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
         if qube is None:
             __salt__["sysdns_qvm.create"](name, klass, template, label)
         elif "template" in pref_changes and qube["state"] != "Halted":
-            # Qubes refuses a new template for a running qube, and refuses to shut down
-            # a netvm whose downstream qubes run unless forced; it attaches them again
-            # when the qube starts (the running state starts it right after).
+            # Qubes rejects a new template for a running qube. It also rejects the
+            # shutdown of a netvm with running downstream qubes unless forced, and
+            # attaches them again when the netvm starts (qubes/vm/mix/net.py,
+            # qubes-core-admin 4.2).
             __salt__["sysdns_qvm.shutdown"](name, force=True)
         for prop, change in sorted(pref_changes.items()):
             __salt__["sysdns_qvm.set_pref"](name, prop, change["new"])
@@ -486,8 +506,27 @@ def _restored(file_changes, recorded, report):
     return restored
 
 
+# Report of a sys-dns that has just started from the formula's template without a
+# configuration: only the guard, which the template contains, is loaded.
+UNCONFIGURED_REPORT = {"service": "inactive", "firewall": "missing", "guard": "loaded", "input-accept": "missing"}
+# Exit status of a shell command that was not found (POSIX sh, "Command Search and Execution").
+COMMAND_NOT_FOUND = 127
+
+
 def _read_report(name):
-    return parse_report(__salt__["sysdns_qvm.run"](name, REPORT_COMMAND, autostart=False)["stdout"])
+    result = __salt__["sysdns_qvm.run"](name, REPORT_COMMAND, autostart=False, check=False)
+    if result["retcode"] == COMMAND_NOT_FOUND and __opts__["test"]:
+        # The qube still runs from a template without the formula's helpers (a sys-dns
+        # built by hand, before qube_present moves it to the formula's template and
+        # restarts it): predict what it reports after that restart.
+        return dict(UNCONFIGURED_REPORT, files={})
+    if result["retcode"] != 0:
+        raise CommandExecutionError(
+            "in qube {}: {} failed with exit code {}: {}".format(
+                name, REPORT_COMMAND, result["retcode"], (result["stderr"] or result["stdout"]).strip() or "(no output)"
+            )
+        )
+    return parse_report(result["stdout"])
 
 
 def config_applied(name, files, restart_qube=None):
@@ -587,6 +626,107 @@ def config_applied(name, files, restart_qube=None):
     return ret
 
 
+# A fixed script lists or removes what the original hand-written sys-dns design left
+# in sys-dns. It travels on standard input, so it runs on any template.
+LEGACY_SCRIPT = "salt://qubes/network/sys-dns/files/legacy-artifacts.sh"
+LEGACY_LIST_COMMAND = "sh -s list"
+LEGACY_REMOVE_COMMAND = "sh -s remove"
+# Feature that qube_present sets on every sys-dns the formula builds.
+BUILT_FEATURE = "service.sysdns"
+
+
+def parse_legacy_output(output, status):
+    """Return the sorted artifact IDs on the lines ``STATUS ID`` of the legacy script's output."""
+    prefix = status + " "
+    return sorted({line[len(prefix) :].strip() for line in output.splitlines() if line.startswith(prefix)})
+
+
+def _legacy_artifacts(name, script, command):
+    result = __salt__["sysdns_qvm.run"](name, command, stdin=script, autostart=False, timeout=300)
+    return parse_legacy_output(result["stdout"], "present" if command == LEGACY_LIST_COMMAND else "removed")
+
+
+def legacy_removed(name, script=LEGACY_SCRIPT):
+    """
+    Ensure sys-dns contains nothing that the original hand-written sys-dns design left:
+    its DNAT script /rw/config/nft-dnscrypt.sh, the unit dnscrypt-nft.service, the nft
+    table ``ip dnscrypt``, its port-53 DNAT rules in Qubes' ``ip qubes dnat-dns`` and
+    ``ip qubes prerouting`` chains (only those rules, matched by their whole text), and
+    its dnscrypt-proxy.toml and forwarding-rules.txt in /etc/dnscrypt-proxy.
+
+    Each artifact removed is one change, ``{ID: {"old": "present", "new": "removed"}}``.
+    A running qube is inspected at every run (one read-only ``qvm-run``). A halted qube
+    that lacks the feature ``service.sysdns`` was not built by the formula: it is
+    started, because its /rw can only be read from inside, and the qube_present state
+    that follows shuts it down again when its template changes. A halted qube built
+    by the formula is left alone.
+
+    NOTE: under ``test=True`` a halted qube is not started, so the prediction names
+    the start but not the artifacts in its /rw.
+
+    name
+        The qube to clean, e.g. ``sys-dns``.
+    script
+        The script that lists and removes the artifacts, on the Salt file server.
+
+    .. code-block:: yaml
+
+        sys-dns legacy artifacts removed:
+          sysdns.legacy_removed:
+            - name: sys-dns
+    """
+    ret = _ret(name, "Qube {} contains nothing of the original hand-written sys-dns design".format(name))
+    try:
+        qube = __salt__["sysdns_qvm.get_qube"](name)
+        if qube is None:
+            return ret
+
+        changes = {}
+        if qube["state"] != "Running":
+            if BUILT_FEATURE in __salt__["sysdns_qvm.features"](name):
+                return ret
+            changes["state"] = {"old": qube["state"], "new": "Running"}
+            if __opts__["test"]:
+                ret["changes"] = changes
+                ret["result"] = None
+                ret["comment"] = (
+                    "Qube {} would have been started to look for what the original hand-written "
+                    "sys-dns design left in its /rw".format(name)
+                )
+                return ret
+            __salt__["sysdns_qvm.start"](name)
+
+        content = _resolve_files({"script": {"source": script}})["script"]["content"]
+        present = _legacy_artifacts(name, content, LEGACY_LIST_COMMAND)
+        for artifact in present:
+            changes[artifact] = {"old": "present", "new": "removed"}
+        if not changes:
+            return ret
+
+        ret["changes"] = changes
+        if __opts__["test"]:
+            ret["result"] = None
+            ret["comment"] = "Removed from {} would have been: {}".format(name, ", ".join(present))
+            return ret
+
+        removed = _legacy_artifacts(name, content, LEGACY_REMOVE_COMMAND)
+        if removed != present:
+            raise CommandExecutionError(
+                "qube {}: the original design's artifacts changed while they were removed "
+                "(found: {}; removed: {}); run the state again".format(
+                    name, ", ".join(present) or "none", ", ".join(removed) or "none"
+                )
+            )
+        if present:
+            ret["comment"] = "Removed from {}: {}".format(name, ", ".join(present))
+        else:
+            ret["comment"] = "Qube {} has been started and contains nothing of the original design".format(name)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["changes"] = {}
+        return _fail(ret, str(exc))
+    return ret
+
+
 def _whonix_reason(qube_name):
     qube = __salt__["sysdns_qvm.get_qube"](qube_name)
     names = [qube_name]
@@ -601,6 +741,39 @@ def _whonix_reason(qube_name):
             if template_features.get(feature):
                 return "its template {} has the Whonix feature {}".format(qube["template"], feature)
     return None
+
+
+def _adopt_netvm(ret, name, netvm):
+    """
+    Record the previous netvm of a qube that was routed through ``netvm`` by hand (as
+    the original hand-written sys-dns design does with sys-firewall), so that the
+    rollback can restore it like after a build of the formula.
+
+    The qube it had before is taken to be the netvm of ``netvm``, because a DNS qube
+    inserted by hand sits between the qube and that netvm. The original design's own
+    rollback does the same: it sets sys-firewall's netvm back to sys-net, the netvm of
+    its sys-dns.
+    """
+    if PREVIOUS_NETVM_FEATURE in __salt__["sysdns_qvm.features"](name):
+        return ret
+    upstream = __salt__["sysdns_qvm.get_qube"](netvm)
+    previous = (upstream or {}).get("netvm") or ""
+    if previous == name:
+        previous = ""
+
+    ret["changes"] = {"features": {PREVIOUS_NETVM_FEATURE: {"old": None, "new": previous}}}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = "Qube {}, routed through {} by hand, would have recorded {!r} as its previous netvm".format(
+            name, netvm, previous
+        )
+        return ret
+
+    __salt__["sysdns_qvm.set_feature"](name, PREVIOUS_NETVM_FEATURE, previous)
+    ret["comment"] = "Qube {}, routed through {} by hand, has recorded {!r} as its previous netvm".format(
+        name, netvm, previous
+    )
+    return ret
 
 
 def netvm(name, netvm):
@@ -629,7 +802,7 @@ def netvm(name, netvm):
                 ),
             )
         if qube["netvm"] == netvm:
-            return ret
+            return _adopt_netvm(ret, name, netvm)
 
         changes = {"netvm": {"old": qube["netvm"], "new": netvm}}
         recorded = __salt__["sysdns_qvm.features"](name).get(PREVIOUS_NETVM_FEATURE)

@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+LEGACY_SCRIPT_PATH = "qubes-sysdns-formula/qubes/network/sys-dns/files/legacy-artifacts.sh"
 
 
 def load_salt_module(relative_path, **dunders):
@@ -66,11 +67,19 @@ class FakeQubes:
         self.os_release = 'ID=debian\nVERSION_ID="12"\nVERSION_CODENAME=bookworm\n'
         self.sources = "deb http://deb.debian.org/debian bookworm main\n"
         self.fail_commands = {}
+        # Commands missing in a qube ({name: {command}}): its shell exits with 127.
+        self.missing_commands = {}
         self.guard_state = {}
         # What the report helper prints on its "ruleset" line, per qube.
         self.ruleset_state = {}
         self.guard_ruleset_state = {}
         self.setup_output = "dnscrypt-proxy 2.1.8\nsysdns: template setup complete\n"
+        # What the original hand-written sys-dns design left in each qube, as the IDs
+        # its legacy script prints, and the files of the Salt file server.
+        self.legacy_artifacts = {}
+        self.salt_files = {
+            "salt://qubes/network/sys-dns/files/legacy-artifacts.sh": (ROOT / LEGACY_SCRIPT_PATH).read_text(),
+        }
         # Global properties (qubes-prefs) that name a qube.
         self.global_prefs = {"default_netvm": "sys-firewall", "updatevm": "sys-net", "clockvm": "sys-net"}
 
@@ -88,6 +97,10 @@ class FakeQubes:
     def pref_is_default(self, name, prop, refresh=False):
         self._require(name)
         return prop in self.defaults.get(name, set())
+
+    def default_prefs(self, name):
+        self._require(name)
+        return set(self.defaults.get(name, ()))
 
     def is_running(self, name, refresh=False):
         return name in self.qubes and self.qubes[name]["state"] == "Running"
@@ -207,6 +220,8 @@ class FakeQubes:
             if not autostart:
                 return {"retcode": 1, "stdout": "", "stderr": "qube not running"}
             self.start(name)
+        if command in self.missing_commands.get(name, ()):
+            return {"retcode": 127, "stdout": "", "stderr": "sh: 1: {}: not found".format(command)}
         if command in self.fail_commands:
             from salt.exceptions import CommandExecutionError
 
@@ -223,6 +238,13 @@ class FakeQubes:
             guard_ruleset = self.guard_ruleset_state.get(name, "as-loaded" if guard == "loaded" else "missing")
             lines += ["guard " + guard, "guard-ruleset " + guard_ruleset, "input-accept " + state[2]]
             return {"retcode": 0, "stdout": "\n".join(lines) + "\n", "stderr": ""}
+        if command in ("sh -s list", "sh -s remove"):
+            found = sorted(self.legacy_artifacts.get(name, ()))
+            if command == "sh -s list":
+                return {"retcode": 0, "stdout": "".join("present " + item + "\n" for item in found), "stderr": ""}
+            self._change("legacy-remove", name)
+            self.legacy_artifacts[name] = set()
+            return {"retcode": 0, "stdout": "".join("removed " + item + "\n" for item in found), "stderr": ""}
         if command.startswith("cat /etc/os-release"):
             return {"retcode": 0, "stdout": self.os_release + "--- sources\n" + self.sources, "stderr": ""}
         if command.endswith("/install-config"):
@@ -243,8 +265,9 @@ class FakeQubes:
         names = (
             "list_qubes get_qube get_pref pref_is_default is_running features json_feature set_pref reset_pref "
             "set_feature "
-            "set_json_feature create clone start shutdown restart pack_files run dependents remove"
+            "set_json_feature create clone start shutdown restart pack_files run dependents remove default_prefs"
         ).split()
         functions = {"sysdns_qvm." + name: getattr(self, name) for name in names}
         functions["sysdns_config.render_apt_sources"] = config_module.render_apt_sources
+        functions["cp.get_file_str"] = self.salt_files.get
         return functions

@@ -74,6 +74,15 @@
       - sysdns: "qubes.network.sys-dns - disposable template {{ config_qube }} present"
 {%- endif %}
 
+# A sys-dns built by the original hand-written design keeps its DNAT script in /rw,
+# its nft table and rules and its unit: remove them while the qube still runs as it
+# was, before the next state moves it to the formula's template.
+"qubes.network.sys-dns - {{ qube }} free of the original design's artifacts":
+  sysdns.legacy_removed:
+    - name: {{ qube }}
+    - require:
+      - sysdns: "qubes.network.sys-dns - packages and units in {{ template }}"
+
 "qubes.network.sys-dns - qube {{ qube }} present":
   sysdns.qube_present:
     - name: {{ qube }}
@@ -91,6 +100,7 @@
         service.sysdns: "1"
     - require:
       - sysdns: "qubes.network.sys-dns - packages and units in {{ template }}"
+      - sysdns: "qubes.network.sys-dns - {{ qube }} free of the original design's artifacts"
 
 "qubes.network.sys-dns - qube {{ qube }} running":
   sysdns.running:
