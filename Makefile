@@ -5,7 +5,7 @@ VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
 LAB_CACHE ?= /var/cache/sysdns-lab
 
-.PHONY: all deps images demo test unit lab-test clean
+.PHONY: all deps images demo test unit lab-test clean bench
 .PHONY: install lint matrix rpm-spec-check
 
 all: test
@@ -25,6 +25,11 @@ images: deps
 
 demo: images
 	$(VENV_PYTHON) -m tests.demo
+
+# Benchmarks in the lab, written to docs/benchmarks.md (about 10 min on 2 cores; not
+# part of `make test`). `python -m tests.bench --quick --output FILE` is a smoke run.
+bench: images
+	$(VENV_PYTHON) -m tests.bench --output docs/benchmarks.md
 
 unit: deps
 	$(VENV_PYTHON) -m pytest tests/unit
