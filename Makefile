@@ -27,9 +27,11 @@ demo: images
 	$(VENV_PYTHON) -m tests.demo
 
 # Benchmarks in the lab, written to docs/benchmarks.md (about 10 min on 2 cores; not
-# part of `make test`). `python -m tests.bench --quick --output FILE` is a smoke run.
+# part of `make test`). `python -m tests.bench --quick --output FILE` is a smoke run;
+# BENCH_ARGS="--json FILE" also keeps the raw results.
+BENCH_ARGS ?=
 bench: images
-	$(VENV_PYTHON) -m tests.bench --output docs/benchmarks.md
+	$(VENV_PYTHON) -m tests.bench --output docs/benchmarks.md $(BENCH_ARGS)
 
 unit: deps
 	$(VENV_PYTHON) -m pytest tests/unit

@@ -53,6 +53,7 @@ def client_names(count):
 
 def with_lab(function, *args):
     lab = Lab.up()
+    log.info("lab %s is up (tear it down with `python -m tests.lab down --prefix %s`)", lab.prefix, lab.prefix)
     try:
         return function(lab, *args)
     finally:

@@ -64,6 +64,7 @@ def apply_section(results):
     noop_seconds = median_of(apply["noop"], "seconds")
     noop_calls = max(entry["calls"] for entry in apply["noop"])
     baseline = median(apply["baseline"])
+    render = median(apply.get("render") or [None])
     noop_fraction = ratio(noop_seconds, first["seconds"])
     own_fraction = ratio(
         None if noop_seconds is None or baseline is None else noop_seconds - baseline,
@@ -121,6 +122,11 @@ def apply_section(results):
         f"(target under {percent(NOOP_FRACTION_MAX)}: {verdict(noop_fraction is not None and noop_fraction < NOOP_FRACTION_MAX)}).",
         f"- The same without Salt's own start-up (wall minus `test.ping`): {percent(own_fraction)}; "
         f"state time only: {percent(state_fraction)}.",
+        f"- Where a no-op re-run's {seconds(noop_seconds)} go: Salt's start-up and module sync "
+        f"{seconds(baseline)} (`test.ping`), start-up plus rendering the SLS {seconds(render)} "
+        f"(`state.show_sls`), the states themselves {seconds(median_of(apply['noop'], 'state_seconds'))}. "
+        "The first build's states install packages in the template and start sys-dns, so Salt's fixed "
+        "cost is a small part of it and most of a no-op.",
         f"- dom0 calls of a no-op re-run: at most {noop_calls} "
         f"(target at most {NOOP_CALLS_MAX}: {verdict(noop_calls <= NOOP_CALLS_MAX)}).",
         f"- The original hand-written design (cmd.run states) re-executes {ORIGINAL_CMD_RUN + ORIGINAL_QVM_RUN} "
@@ -193,6 +199,9 @@ def dns_section(results):
         f"- Chain / dnscrypt-proxy directly: {percent(chain_fraction)} "
         f"(target at least {percent(CHAIN_FRACTION_MIN)}: "
         f"{verdict(chain_fraction is not None and chain_fraction >= CHAIN_FRACTION_MIN)}).",
+        "- The chain adds two forwarding hops (sys-firewall's DNS DNAT and sys-dns's redirect, over "
+        "two veth pairs), handled by the kernel on the same 2 cores that run dnsperf and dnscrypt-proxy; "
+        "the runs did not separate that cost further.",
         f"- dnscrypt-proxy's cache / unbound's plain answers: {percent(plain_fraction)}.",
         "",
         "New names (each name asked once, `u<random>-<n>.lab.test`, so every query goes upstream), "
@@ -252,7 +261,11 @@ def overload_section(results):
         "",
         f"- No crash and no hang (same dnscrypt-proxy process, next query answered): {verdict(healthy)}.",
         f"- Every query answered or refused: {verdict(all_answered)}. A lost query is one dnsperf "
-        "saw no reply to within its 5 s timeout.",
+        "saw no reply to within its 5 s timeout. In these runs dnscrypt-proxy 2.1.8 sent no reply (no "
+        "REFUSED, no SERVFAIL) to the queries beyond max_clients and logged "
+        '"Too many incoming connections", so a client waits for its own timeout (5 s by default in '
+        "glibc's resolver) and retries. The formula cannot change that behaviour; max_clients "
+        "only sets where it starts.",
         "",
     ]
 
