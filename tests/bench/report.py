@@ -328,6 +328,9 @@ def growth_section(results):
     rows = []
     for size in sorted(results["growth"], key=int):
         entry = results["growth"][size]
+        if "error" in entry:
+            rows.append([size, "failed: " + entry["error"].replace("|", "/").replace("\n", " ")] + [""] * 6)
+            continue
         build = entry["build"]
         rows.append(
             [

@@ -235,3 +235,10 @@ def test_report_cache_default_text():
     text = report.render(sample_results())
     assert "After 50,000 new names (the cache holds 4096)" in text
     assert "memory was at most 40 MiB" in text
+
+
+def test_report_failed_growth_size():
+    results = sample_results()
+    results["growth"][20] = {"error": "lab qubes failed to start: bench-client-09: no readiness report"}
+    text = report.render(results)
+    assert "| 20 | failed: lab qubes failed to start: bench-client-09: no readiness report |" in text
