@@ -10,6 +10,7 @@ Each lab the run brings up is torn down at the end, also after a failure.
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
 import sys
@@ -175,6 +176,7 @@ def run(plan, command):
                 log.exception("growth with %d client qubes failed", size)
                 results["growth"][size] = {"error": str(error)[:300]}
     results["elapsed"] = time.monotonic() - started
+    results["generated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     results["load_after"] = environment.load()
     return results
 

@@ -43,7 +43,7 @@ def verdict(met):
 
 
 def table(header, rows):
-    """Return a Markdown table; every cell is text already."""
+    """Return a Markdown table of *rows*, whose cells are text already."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -122,20 +122,20 @@ def apply_section(results):
         f"(target under {percent(NOOP_FRACTION_MAX)}: {verdict(noop_fraction is not None and noop_fraction < NOOP_FRACTION_MAX)}).",
         f"- The same without Salt's own start-up (wall minus `test.ping`): {percent(own_fraction)}; "
         f"state time only: {percent(state_fraction)}.",
-        f"- Where a no-op re-run's {seconds(noop_seconds)} go: Salt's start-up and module sync "
-        f"{seconds(baseline)} (`test.ping`), start-up plus rendering the SLS {seconds(render)} "
-        f"(`state.show_sls`), the states themselves {seconds(median_of(apply['noop'], 'state_seconds'))}. "
-        "The first build's states install packages in the template and start sys-dns, so Salt's fixed "
-        "cost is a small part of it and most of a no-op.",
+        f"- A no-op re-run takes {seconds(noop_seconds)}. Salt's start-up and module sync alone take "
+        f"{seconds(baseline)} (`test.ping`), start-up plus rendering the SLS takes {seconds(render)} "
+        f"(`state.show_sls`), and the states themselves take {seconds(median_of(apply['noop'], 'state_seconds'))}. "
+        "The first build's states install packages in the template and start sys-dns, so this fixed "
+        "cost is most of a no-op but only part of a first build.",
         f"- dom0 calls of a no-op re-run: at most {noop_calls} "
         f"(target at most {NOOP_CALLS_MAX}: {verdict(noop_calls <= NOOP_CALLS_MAX)}).",
         f"- The original hand-written design (cmd.run states) re-executes {ORIGINAL_CMD_RUN + ORIGINAL_QVM_RUN} "
-        f"commands on every run: {ORIGINAL_CMD_RUN} `cmd.run` states and {ORIGINAL_QVM_RUN} `qvm.run` states, "
-        "none guarded by `unless`, `onlyif` or `creates`, counted by reading its build SLS. Among them are "
-        "`apt-get update` and `apt-get install` in sys-dns and `systemctl enable --now`, and they make at least "
-        f"{ORIGINAL_DOM0_CALLS} dom0 tool calls by themselves (7 inside the shell commands, one `qvm-run` per "
-        "`qvm.run`), before counting its `qvm.prefs` states. Its re-run could not be timed here: it needs "
-        "network access from sys-dns and Qubes' own `qvm` state module.",
+        f"commands on every run: {ORIGINAL_CMD_RUN} `cmd.run` states and {ORIGINAL_QVM_RUN} `qvm.run` states. "
+        "They were counted by reading its build SLS, and none has an `unless`, `onlyif` or `creates` guard. "
+        "Among them are `apt-get update` and `apt-get install` in sys-dns and `systemctl enable --now`. "
+        f"These commands alone make at least {ORIGINAL_DOM0_CALLS} dom0 tool calls (7 inside the shell "
+        "commands, one `qvm-run` per `qvm.run` state), and its `qvm.prefs` states add more. Its re-run "
+        "was not timed, because it needs network access from sys-dns and Qubes' own `qvm` state module.",
         "",
     ]
 
@@ -350,7 +350,10 @@ def growth_section(results):
         "Each size is a fresh lab whose client qubes (the default four, then `bench-client-NN` AppVMs "
         "on debian-12-xfce behind sys-firewall) all run. The 5-client row is the lab of sections 1 to 4 "
         "(its no-op column is the median of section 1); every other cell is one run. `tests:clients` lists the "
-        "clients, at most 32 (the pillar's limit), so the 50-client lab tests 32 of them.",
+        "clients, at most 32 (the pillar's limit), so the 50-client lab tests 32 of them. The tests SLS "
+        "makes one `qvm-run` per tested client (`sysdns.measure`); the build reads the estate with one "
+        "batched `qvm-ls`. On a shared host compare the dom0 calls: the times follow the host's load, "
+        "which changed during the run (see the load line above).",
         "",
         table(
             [
@@ -370,7 +373,7 @@ def growth_section(results):
 
 
 def max_clients_text(results, default_runs, small_runs):
-    """Explain dnscrypt:max_clients with the overload figures."""
+    """Return the paragraph that weighs dnscrypt:max_clients against the overload figures."""
     burst = results["plan"]["burst_size"]
     small = results["plan"]["small_max_clients"]
     default_lost = sum(run["burst"]["lost"] for run in default_runs)
@@ -394,7 +397,7 @@ def max_clients_text(results, default_runs, small_runs):
 
 
 def defaults_section(results):
-    """Explain the defaults of dnscrypt-proxy's settings with the measured figures."""
+    """Return the section that weighs the defaults of dnscrypt-proxy's settings against the figures."""
     dns = results["dns"]
     overload = results["overload"]
     default_runs = overload.get("default", [])
