@@ -8,7 +8,7 @@ VENV_PYTHON := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
 LAB_CACHE ?= /var/cache/sysdns-lab
 
-.PHONY: all deps images demo test unit lab-test clean
+.PHONY: all deps images demo test unit lab-test clean bench
 .PHONY: install lint matrix rpm-spec-check
 
 all: test
@@ -28,6 +28,13 @@ images: deps
 
 demo: images
 	$(VENV_PYTHON) -m tests.demo
+
+# Benchmarks in the lab, written to docs/benchmarks.md (about 10 min on 2 cores; not
+# part of `make test`). `python -m tests.bench --quick --output FILE` is a smoke run;
+# BENCH_ARGS="--json FILE" also keeps the raw results.
+BENCH_ARGS ?=
+bench: images
+	$(VENV_PYTHON) -m tests.bench --output docs/benchmarks.md $(BENCH_ARGS)
 
 unit: deps
 	$(VENV_PYTHON) -m pytest tests/unit
