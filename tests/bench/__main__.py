@@ -28,7 +28,7 @@ log = logging.getLogger("tests.bench")
 
 DEFAULT_CLIENTS = ("personal", "work", "pro", "untrusted")
 # tests:clients accepts at most this many qubes (sysdns_config.MAX_TEST_CLIENTS).
-MAX_TEST_CLIENTS = 32
+MAX_TEST_CLIENTS = 64
 
 
 @dataclasses.dataclass

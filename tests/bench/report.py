@@ -349,8 +349,8 @@ def growth_section(results):
         "",
         "Each size is a fresh lab whose client qubes (the default four, then `bench-client-NN` AppVMs "
         "on debian-12-xfce behind sys-firewall) all run. The 5-client row is the lab of sections 1 to 4 "
-        "(its no-op column is the median of section 1); every other cell is one run. `tests:clients` lists the "
-        "clients, at most 32 (the pillar's limit), so the 50-client lab tests 32 of them. The tests SLS "
+        "(its no-op column is the median of section 1); every other cell is one run. `tests:clients` lists "
+        "every running client (the pillar accepts up to 64), so the tests SLS resolves from each. It "
         "makes one `qvm-run` per tested client (`sysdns.measure`); the build reads the estate with one "
         "batched `qvm-ls`. On a shared host compare the dom0 calls: the times follow the host's load, "
         "which changed during the run (see the load line above).",

@@ -242,3 +242,12 @@ def test_report_failed_growth_size():
     results["growth"][20] = {"error": "lab qubes failed to start: bench-client-09: no readiness report"}
     text = report.render(results)
     assert "| 20 | failed: lab qubes failed to start: bench-client-09: no readiness report |" in text
+
+
+def test_bench_client_cap_matches_validator():
+    from tests.bench.__main__ import MAX_TEST_CLIENTS
+    from tests.unit.sysdns_fakes import config_module
+
+    assert MAX_TEST_CLIENTS == config_module.MAX_TEST_CLIENTS
+    clients = ["client{}".format(index) for index in range(config_module.MAX_TEST_CLIENTS)]
+    config_module.validate({"tests": {"clients": clients}})
