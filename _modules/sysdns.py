@@ -627,6 +627,7 @@ def configured_servers(cfg):
     :py:func:`certificate_requests`, which collect_status removes from its output.
     """
     used = set(cfg["dnscrypt"]["server_names"])
+    anonymized = __salt__["sysdns_config.anonymized_resolvers"](cfg)
     servers = {}
     for kind, entries in (("resolver", cfg["dnscrypt"]["resolvers"]), ("relay", cfg["dnscrypt"]["relays"])):
         for entry in entries:
@@ -638,6 +639,8 @@ def configured_servers(cfg):
                 server["provider_name"] = decoded["provider_name"]
             if decoded["host"]:
                 server["host"] = decoded["host"]
+            if kind == "resolver" and entry["name"] in anonymized:
+                server["anonymized"] = True
             servers[entry["name"]] = server
             server["_fetch"] = (decoded["ip"], decoded["port"], decoded["provider_name"])
     return servers
@@ -646,13 +649,15 @@ def configured_servers(cfg):
 def certificate_requests(servers):
     """
     Return the standard input of STATUS_COMMAND: one "NAME IP PORT PROVIDER" line per
-    DNSCrypt resolver. Validation rejects stamps on port 53, so no fetch meets the
-    redirect of sys-dns's own port-53 traffic.
+    DNSCrypt resolver that dnscrypt-proxy contacts directly. Resolvers behind
+    anonymizing relays are left out (``anonymized`` in their entry), because a direct
+    query would show them the qube's public address. Validation rejects stamps on
+    port 53, so no fetch meets the redirect of sys-dns's own port-53 traffic.
     """
     lines = []
     for name, server in sorted(servers.items()):
         ip, port, provider = server["_fetch"]
-        if server["protocol"] == "dnscrypt":
+        if server["protocol"] == "dnscrypt" and not server.get("anonymized"):
             lines.append("{} {} {} {}\n".format(name, ip, port, provider))
     return "".join(lines)
 
@@ -724,7 +729,12 @@ def _server_status(servers, report, problems, qube):
             server["live"] = running and name in live
         if name in log_view["messages"]:
             server["last_message"] = log_view["messages"][name]
-        if server["protocol"] == "dnscrypt":
+        if server["protocol"] == "dnscrypt" and server.get("anonymized"):
+            server["certificate"] = {
+                "valid_now": None,
+                "note": "not fetched: dnscrypt-proxy reaches this resolver only through anonymizing relays",
+            }
+        elif server["protocol"] == "dnscrypt":
             if name in report["certificates"]:
                 server["certificate"] = describe_certificate(report["certificates"][name], report["clock"])
                 if server["certificate"].get("problem"):

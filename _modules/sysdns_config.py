@@ -346,6 +346,23 @@ def _fill_stamp_endpoint(decoded, require_ip):
         )
 
 
+def anonymized_resolvers(cfg):
+    """
+    Return the names of the resolvers of the validated pillar ``cfg`` that
+    dnscrypt-proxy reaches only through anonymizing relays: those named by an
+    ``anonymized_routes`` entry, or every DNSCrypt resolver when an entry names '*'.
+    dnscrypt-proxy 2.1.8 also fetches their certificates through the relay, so a
+    direct query from sys-dns would show the resolver the qube's public address.
+    """
+    routes = cfg["dnscrypt"]["anonymized_routes"]
+    named = {route["server_name"] for route in routes}
+    if "*" not in named:
+        return named
+    return {
+        entry["name"] for entry in cfg["dnscrypt"]["resolvers"] if decode_stamp(entry["stamp"])["proto"] == "dnscrypt"
+    }
+
+
 def decode_stamp(stamp, require_ip=True):
     """
     Decode a DNS stamp (``sdns://``) into its fields.

@@ -25,6 +25,14 @@ log = logging.getLogger(__name__)
 __virtualname__ = "sysdns_diagnose"
 
 DIAGNOSE_COMMAND = "/usr/lib/sysdns/diagnose"
+# Seconds dom0 waits for the diagnose helper, so that an unreachable upstream yields a
+# diagnosis rather than a timeout. The base covers the rest of its work. The upstream
+# probe takes 15 s at most (SYSDNS_PROBE_TIMEOUT in probe-upstream.sh). The helper
+# fetches certificates one after another, each in 6 s at most (SYSDNS_DIAGNOSE_TIMEOUT
+# + 1 in diagnose.sh).
+DIAGNOSE_BASE_TIMEOUT_S = 60
+DIAGNOSE_PROBE_TIMEOUT_S = 15
+DIAGNOSE_CERT_TIMEOUT_S = 6
 
 OK = "ok"
 FAIL = "fail"
@@ -154,15 +162,27 @@ def parse_cert_answer(answer_hex):
     return certificates
 
 
+def diagnose_timeout(server_count):
+    """Return the seconds dom0 waits for the diagnose helper with ``server_count`` fetches."""
+    return DIAGNOSE_BASE_TIMEOUT_S + DIAGNOSE_PROBE_TIMEOUT_S + DIAGNOSE_CERT_TIMEOUT_S * server_count
+
+
 def dnscrypt_servers(cfg):
     """
     List the DNSCrypt resolvers of the pillar whose certificates the diagnosis fetches:
-    ``[{"name", "ip", "port", "provider_name"}]``. Relays have no certificate of their
-    own, and servers from opted-in ``[sources]`` are not known in advance.
+    ``[{"name", "ip", "port", "provider_name"}]``. Only resolvers in ``server_names``
+    count, since dnscrypt-proxy uses no other. Resolvers behind anonymizing relays are
+    left out, because a direct query would show them the qube's public address.
+    Relays have no certificate of their own, and servers from opted-in ``[sources]``
+    are not known in advance.
     """
     decode = __salt__["sysdns_config.decode_stamp"]
+    used = set(cfg["dnscrypt"]["server_names"])
+    anonymized = __salt__["sysdns_config.anonymized_resolvers"](cfg)
     servers = []
     for entry in cfg["dnscrypt"]["resolvers"]:
+        if entry["name"] not in used or entry["name"] in anonymized:
+            continue
         decoded = decode(entry["stamp"])
         if decoded["proto"] != "dnscrypt":
             continue
@@ -771,13 +791,18 @@ def collect(cfg):
         stdin=_probe_requests(servers, cfg["tests"]["names"]),
         autostart=False,
         check=False,
-        timeout=120,
+        timeout=diagnose_timeout(len(servers)),
     )
     if result["retcode"] != 0:
+        # 127: the shell found no such command, so the template predates the helper.
+        advice = (
+            "re-apply qubes.network.sys-dns to install it"
+            if result["retcode"] == 127
+            else "check that {} responds to qvm-run".format(qube)
+        )
         raise CommandExecutionError(
             f"{DIAGNOSE_COMMAND} failed in {qube} with exit code {result['retcode']}: "
-            f"{(result['stderr'] or result['stdout']).strip()[-500:]}; re-apply qubes.network.sys-dns "
-            "to install it"
+            f"{(result['stderr'] or result['stdout']).strip()[-500:]}; {advice}"
         )
     # The qube read its clock at the start of the script.
     facts["dom0_clock"] = int(started)

@@ -694,6 +694,9 @@ def legacy_removed(name, script=LEGACY_SCRIPT):
                     "sys-dns design left in its /rw".format(name)
                 )
                 return ret
+            # NOTE: Qubes attaches downstream qubes that still run when this qube
+            # starts, and the hand-made qube has no guard: until qube_present shuts it
+            # down, their DNS can reach Qubes' dnat-dns and sys-net in plaintext.
             __salt__["sysdns_qvm.start"](name)
 
         content = _resolve_files({"script": {"source": script}})["script"]["content"]

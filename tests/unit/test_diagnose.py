@@ -18,6 +18,7 @@ SALT = {
     "sysdns.check_no_plaintext": checks_module.check_no_plaintext,
     "sysdns.check_upstream": checks_module.check_upstream,
     "sysdns_config.decode_stamp": config_module.decode_stamp,
+    "sysdns_config.anonymized_resolvers": config_module.anonymized_resolvers,
 }
 diagnose_module.__salt__ = SALT
 
@@ -495,19 +496,20 @@ def test_summary_lists_cause_and_fix():
 class DiagnoseQubes(FakeQubes):
     """FakeQubes whose sys-dns runs the diagnose script."""
 
-    def __init__(self, qubes, output):
+    def __init__(self, qubes, output, retcode=0):
         super().__init__(qubes)
         self.output = output
+        self.retcode = retcode
 
     def run(self, name, command, user="root", stdin=None, autostart=True, timeout=900, check=True):
         if command == diagnose_module.DIAGNOSE_COMMAND:
-            self.runs.append((name, command, stdin))
-            return {"retcode": 0, "stdout": self.output, "stderr": ""}
+            self.runs.append((name, command, stdin, timeout))
+            return {"retcode": self.retcode, "stdout": self.output, "stderr": ""}
         return super().run(name, command, user, stdin, autostart, timeout, check)
 
 
-def run_diagnose(qubes, pillar):
-    fake = DiagnoseQubes(qubes.values(), report_text(clock=None))
+def run_diagnose(qubes, pillar, retcode=0):
+    fake = DiagnoseQubes(qubes.values(), report_text(clock=None), retcode)
     context = {}
     measured = []
     salt = dict(SALT)
@@ -534,13 +536,35 @@ def lab_like_pillar():
 def test_run_uses_one_qvm_run_with_requests():
     data, fake, context, measured = run_diagnose(estate(), lab_like_pillar())
     assert len(fake.runs) == 1
-    name, command, stdin = fake.runs[0]
+    name, command, stdin, timeout = fake.runs[0]
     assert (name, command) == ("sys-dns", "/usr/lib/sysdns/diagnose")
+    assert timeout == diagnose_module.diagnose_timeout(1)
     assert stdin.splitlines()[0].startswith("probe sysdns-diagnose-")
     assert stdin.splitlines()[1].startswith("cert lab-dnscrypt 192.0.2.2 443 5d00")
     assert measured[0][1] == {"start_clients": False, "refresh": True}
     assert "retcode" not in context
     assert data["result"] is True, data["summary"]
+
+
+def test_dnscrypt_servers_only_used_and_direct():
+    pillar = lab_like_pillar()
+    direct = pillar["dnscrypt"]["resolvers"][0]
+    pillar["dnscrypt"]["resolvers"] = [direct] + [
+        {
+            "name": name,
+            "stamp": config_module.encode_stamp(
+                "dnscrypt", address=address, props_value=7, public_key=bytes(32), provider_name=PROVIDER
+            ),
+        }
+        for name, address in (("unused", "192.0.2.3:443"), ("routed", "192.0.2.4:443"))
+    ]
+    pillar["dnscrypt"]["server_names"] = ["lab-dnscrypt", "routed"]
+    pillar["dnscrypt"]["relays"] = [
+        {"name": "relay", "stamp": config_module.encode_stamp("dnscrypt-relay", "192.0.2.9:443")}
+    ]
+    pillar["dnscrypt"]["anonymized_routes"] = [{"server_name": "routed", "via": ["relay"]}]
+    servers = diagnose_module.dnscrypt_servers(config_module.validate(pillar))
+    assert [server["name"] for server in servers] == ["lab-dnscrypt"]
 
 
 def test_run_does_not_start_halted_qube():
@@ -552,3 +576,19 @@ def test_run_does_not_start_halted_qube():
     assert measured == []
     assert context["retcode"] == 1
     assert data["result"] is False
+
+
+def test_diagnose_timeout_covers_every_fetch():
+    # 32 DNSCrypt resolvers whose fetches each time out, plus a probe that times out,
+    # must still fit in the time dom0 waits.
+    assert diagnose_module.diagnose_timeout(32) >= 32 * 6 + 15 + 30
+    assert diagnose_module.diagnose_timeout(0) < diagnose_module.diagnose_timeout(1)
+
+
+@pytest.mark.parametrize(
+    "retcode, advice",
+    [(127, "re-apply qubes.network.sys-dns to install it"), (1, "check that sys-dns responds to qvm-run")],
+)
+def test_helper_failure_names_fix(retcode, advice):
+    with pytest.raises(Exception, match="(?s)exit code {}: .*; {}".format(retcode, advice)):
+        run_diagnose(estate(), lab_like_pillar(), retcode=retcode)

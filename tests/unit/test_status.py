@@ -151,6 +151,7 @@ def module_for(fake, pillar=PILLAR):
             "sysdns_config.validate": config_module.validate,
             "sysdns_config.config_files": config_module.config_files,
             "sysdns_config.decode_stamp": config_module.decode_stamp,
+            "sysdns_config.anonymized_resolvers": config_module.anonymized_resolvers,
             "pillar.get": lambda key, default=None: pillar,
         }
     )
@@ -346,6 +347,30 @@ def test_certificate_requests_only_dnscrypt(fake):
         "host": "doh.lab.test",
         "_fetch": ("192.0.2.3", 443, None),
     }
+
+
+@pytest.mark.parametrize("route_name", ["six", "*"])
+def test_certificate_requests_skip_anonymized(fake, route_name):
+    pillar = {
+        "dnscrypt": {
+            "resolvers": PILLAR["dnscrypt"]["resolvers"] + [{"name": "six", "stamp": DNSCRYPT6_STAMP}],
+            "relays": [{"name": "relay", "stamp": RELAY_STAMP}],
+            "anonymized_routes": [{"server_name": route_name, "via": ["relay"]}],
+            "ipv6_servers": True,
+        }
+    }
+    module = module_for(fake, pillar)
+    servers = module.configured_servers(config_module.validate(pillar))
+
+    requests = module.certificate_requests(servers)
+    assert "six " not in requests
+    assert servers["six"]["anonymized"] is True
+    if route_name == "*":
+        assert requests == ""
+        assert servers["lab-dnscrypt"]["anonymized"] is True
+    else:
+        assert requests == "lab-dnscrypt 192.0.2.2 443 2.dnscrypt-cert.lab.test\n"
+    assert "anonymized" not in servers["lab-doh"]
 
 
 def test_configured_servers_skips_unused_resolvers(fake):

@@ -75,6 +75,26 @@ if [ -e "$unit_file" ] || [ -L "$unit_file" ] || [ -L "$unit_link" ]; then
     report "unit $unit"
 fi
 
+# Removing the original design's DNAT rules hands downstream DNS back to Qubes'
+# dnat-dns, which forwards it in plaintext to sys-net. Until the build restarts this
+# qube on the formula's template, whose guard unit replaces this table, drop
+# forwarded port-53 traffic instead: clients fail closed for those seconds.
+if [ "$mode" = remove ] && has_nft && {
+    nft list table ip dnscrypt >/dev/null 2>&1 ||
+        [ -n "$(legacy_rule_handles dnat-dns)$(legacy_rule_handles prerouting)" ]
+}; then
+    nft -f - <<'GUARD'
+table inet sysdns_guard
+delete table inet sysdns_guard
+table inet sysdns_guard {
+    chain forward {
+        type filter hook forward priority filter - 5; policy accept;
+        meta l4proto { tcp, udp } th dport 53 drop
+    }
+}
+GUARD
+fi
+
 if has_nft && nft list table ip dnscrypt >/dev/null 2>&1; then
     if [ "$mode" = remove ]; then
         nft delete table ip dnscrypt

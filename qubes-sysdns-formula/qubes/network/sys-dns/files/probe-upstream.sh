@@ -20,8 +20,8 @@ probe() {
     local -a labels
     rcode=
     case "$name" in
-        "" | *[!a-z0-9.-]* | .* | *..*)
-            echo "probe-upstream: invalid name '$name': expected letters, digits, '-' and '.'" >&2
+        "" | *[!a-z0-9._-]* | .* | *..*)
+            echo "probe-upstream: invalid name '$name': expected lowercase letters, digits, '-', '_' and '.'" >&2
             return 2
             ;;
     esac

@@ -11,7 +11,9 @@
 # The certificate of a DNSCrypt server is fetched as dnscrypt-proxy fetches it: a
 # TXT query for the provider name sent over UDP to the server's own address and
 # port. The query and the answer are plaintext but carry only the public
-# provider name and certificate; nothing goes anywhere dnscrypt-proxy does not go.
+# provider name and certificate. dom0 sends no line for a resolver that
+# dnscrypt-proxy reaches only through anonymizing relays, whose certificate it
+# also fetches through the relay.
 # Installed into the template by qubes-sysdns-formula.
 set -u
 
