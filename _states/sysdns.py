@@ -371,6 +371,11 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
         if not changes:
             return ret
 
+        # Qubes rejects a new template for a running qube, so the qube is shut down
+        # for it and started again, and the change is part of this state's report.
+        restart = qube is not None and "template" in pref_changes and qube["state"] != "Halted"
+        if restart:
+            changes["state"] = {"old": qube["state"], "new": "restarted on the new template"}
         ret["changes"] = changes
         if __opts__["test"]:
             ret["result"] = None
@@ -379,16 +384,17 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
 
         if qube is None:
             __salt__["sysdns_qvm.create"](name, klass, template, label)
-        elif "template" in pref_changes and qube["state"] != "Halted":
-            # Qubes rejects a new template for a running qube. It also rejects the
-            # shutdown of a netvm with running downstream qubes unless forced, and
-            # attaches them again when the netvm starts (qubes/vm/mix/net.py,
-            # qubes-core-admin 4.2).
+        elif restart:
+            # Qubes also rejects the shutdown of a netvm with running downstream qubes
+            # unless forced, and attaches them again when the netvm starts
+            # (qubes/vm/mix/net.py, qubes-core-admin 4.2).
             __salt__["sysdns_qvm.shutdown"](name, force=True)
         for prop, change in sorted(pref_changes.items()):
             __salt__["sysdns_qvm.set_pref"](name, prop, change["new"])
         for feature, change in feature_changes.items():
             __salt__["sysdns_qvm.set_feature"](name, feature, change["new"])
+        if restart:
+            __salt__["sysdns_qvm.start"](name)
         ret["comment"] = "Qube {} has been {}".format(name, "created" if qube is None else "updated")
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["changes"] = {}

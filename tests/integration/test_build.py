@@ -14,6 +14,8 @@ pytestmark = pytest.mark.lab
 BUILD = "qubes.network.sys-dns"
 # dom0 tools whose calls change the estate; a test run must call none of them.
 MUTATING_TOOLS = {"qvm-create", "qvm-clone", "qvm-remove", "qvm-start", "qvm-shutdown", "qvm-kill"}
+# Commands that states run in qubes under test=True, which only read.
+READ_ONLY = {"/usr/lib/sysdns/report", "sh -s list"}
 ENCRYPTED_ENDPOINTS = {"uplink-dnscrypt", "uplink-doh", "uplink-doh-unbound"}
 
 
@@ -156,10 +158,19 @@ def test_template_change_on_running_sys_dns(fresh_lab):
     assert lab.qvm("qvm-check", "--running", "sys-firewall").returncode == 0
 
     lab.write_pillar("sysdns", lab_pillar(lab, template={"source": "debian-13-minimal", "name": "tpl-sys-dns-13"}))
+    since = len(lab.calls())
+    code, predicted, output = apply_sls(lab, BUILD, "test=True")
+    assert predicted is not None, output
+    assert failed_states(predicted) == {}
+    # A test run may read sys-dns (its report, the takeover's listing) but run nothing else.
+    writes = [argv for argv in mutating(dom0_calls(lab, since)) if argv[0] != "qvm-run" or argv[-1] not in READ_ONLY]
+    assert writes == []
+
     code, applied, output = apply_sls(lab, BUILD)
     assert applied is not None, output
     assert failed_states(applied) == {}
     assert code == 0
+    assert changes_by_state(applied) == changes_by_state(predicted)
     assert lab.qvm("qvm-prefs", "sys-dns", "template").stdout.strip() == "tpl-sys-dns-13"
     assert lab.qvm("qvm-check", "--running", "sys-dns").returncode == 0
     assert lab.qvm("qvm-prefs", "sys-firewall", "netvm").stdout.strip() == "sys-dns"

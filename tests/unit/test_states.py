@@ -183,11 +183,34 @@ def test_qube_present_updates_prefs_and_features(fake):
     assert ret["changes"]["features"] == {"service.sysdns": {"old": None, "new": "1"}}
 
 
-def test_qube_present_shuts_down_for_new_template(fake):
+def test_qube_present_restarts_for_new_template(fake):
     ret = states(fake).qube_present("sys-firewall", "debian-12-xfce", "green")
     assert ret["result"] is True
-    assert ("shutdown", "sys-firewall") in fake.changes
+    assert ret["changes"]["state"] == {"old": "Running", "new": "restarted on the new template"}
+    shutdown = fake.changes.index(("shutdown", "sys-firewall"))
+    set_template = fake.changes.index(("set_pref", "sys-firewall", "template", "debian-12-xfce"))
+    start = fake.changes.index(("start", "sys-firewall"))
+    assert shutdown < set_template < start
     assert fake.qubes["sys-firewall"]["template"] == "debian-12-xfce"
+    assert fake.qubes["sys-firewall"]["state"] == "Running"
+
+
+def test_qube_present_predicts_restart_for_new_template(fake):
+    ret = states(fake, test=True).qube_present("sys-firewall", "debian-12-xfce", "green")
+    assert ret["result"] is None
+    assert ret["changes"]["state"] == {"old": "Running", "new": "restarted on the new template"}
+    assert fake.changes == []
+
+
+def test_qube_present_halted_template_change_starts_nothing(fake):
+    fake.qubes["sys-firewall"]["state"] = "Halted"
+    for record in fake.qubes.values():
+        if record.get("netvm") == "sys-firewall":
+            record["state"] = "Halted"
+    ret = states(fake).qube_present("sys-firewall", "debian-12-xfce", "green")
+    assert ret["result"] is True
+    assert "state" not in ret["changes"]
+    assert ("start", "sys-firewall") not in fake.changes
 
 
 def test_running_starts_halted(fake):

@@ -102,8 +102,6 @@
       - sysdns: "qubes.network.sys-dns - packages and units in {{ template }}"
       - sysdns: "qubes.network.sys-dns - {{ qube }} free of the original design's artifacts"
 
-# NOTE: when qube_present gives a running sys-dns a new template, the real run shuts
-# it down and this state starts it again, but test=True predicts no change here.
 "qubes.network.sys-dns - qube {{ qube }} running":
   sysdns.running:
     - name: {{ qube }}
