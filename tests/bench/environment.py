@@ -19,7 +19,11 @@ def _output(argv):
 
 def _first_match(pattern, text):
     match = re.search(pattern, text, re.M)
-    return match.group(1) if match else text.splitlines()[0] if text else "unknown"
+    if match:
+        return match.group(1)
+    if text:
+        return text.splitlines()[0]
+    return "unknown"
 
 
 def machine():

@@ -64,7 +64,12 @@ class QubesArgumentParser(argparse.ArgumentParser):
             return [vm for vm in app.domains() if vm.klass != "AdminVM" and vm.name not in args.exclude]
         if getattr(args, "exclude", None):
             self.error("--exclude can only be used with --all")
-        names = args.VMNAME if isinstance(args.VMNAME, list) else ([args.VMNAME] if args.VMNAME is not None else [])
+        if isinstance(args.VMNAME, list):
+            names = args.VMNAME
+        elif args.VMNAME is not None:
+            names = [args.VMNAME]
+        else:
+            names = []
         domains = []
         for name in names:
             try:
