@@ -10,10 +10,9 @@ packet leaves sys-dns (the independent observer on sys-net's side of its link).
 One lab is built for the module; each test resets the rules it changed.
 """
 
-import uuid
-
 import pytest
 
+from tests.integration.answers import is_encrypted_answer, resolve_encrypted, unique_name
 from tests.integration.formula_lab import apply_sls, failed_states, lab_pillar
 from tests.lab.lab import Lab
 from tests.lab.uplink import ANSWER_A, PLAIN_ADDRESS
@@ -22,16 +21,10 @@ pytestmark = pytest.mark.lab
 
 BUILD = "qubes.network.sys-dns"
 CLIENT = "personal"
-ENCRYPTED_ENDPOINTS = {"uplink-dnscrypt", "uplink-doh"}
 VIRTUAL_DNS = ("10.139.1.1", "10.139.1.2")
 # EHOSTUNREACH: what the client's socket reports for the ICMP admin-prohibited
 # reject with which qubes-firewall enforces action=drop and the policy.
 REJECTED = 113
-
-
-def unique_name():
-    """Return a *.lab.test name no cache holds; the lab's resolvers have records for all."""
-    return f"fw{uuid.uuid4().hex[:12]}.lab.test"
 
 
 def qvm_firewall(lab, qube, *args):
@@ -53,9 +46,7 @@ def query(lab, server, tcp=False):
 
 
 def assert_encrypted_answer(result):
-    assert result["status"] == "answer", result
-    assert result["rcode"] == 0, result
-    assert set(result["answers"]) <= ENCRYPTED_ENDPOINTS, result
+    assert is_encrypted_answer(result), result
 
 
 def assert_rejected(result):
@@ -98,15 +89,15 @@ def test_dns_only_client_resolves_through_sys_dns(firewall_lab):
     assert qvm_firewall(lab, CLIENT, "--raw") == "action=accept specialtarget=dns\n"
 
     with lab.observe("sys-dns") as uplink:
-        answers = [query(lab, server, tcp) for server in VIRTUAL_DNS for tcp in (False, True)]
+        for server in VIRTUAL_DNS:
+            for tcp in (False, True):
+                resolve_encrypted(lab, CLIENT, server, tcp)
         # DNS to any other address is not the special target: sys-firewall rejects it
         # before sys-dns could redirect it.
         other = query(lab, PLAIN_ADDRESS)
         web = lab.dns_query(CLIENT, "www.lab.test", "TXT", server=PLAIN_ADDRESS, port=443, tcp=True)
     seen = uplink.stop()
 
-    for answer in answers:
-        assert_encrypted_answer(answer)
     assert_rejected(other)
     assert_rejected(web)
     assert seen.dns_queries == [], seen.summary()

@@ -14,17 +14,23 @@ each restores what it changed, except the IPv6 test, which runs last.
 import subprocess
 import threading
 import time
-import uuid
 
 import pytest
 
+from tests.integration.answers import (
+    endpoint,
+    is_encrypted_answer,
+    is_fail_closed,
+    query_txt,
+    resolve_encrypted,
+    unique_name,
+)
 from tests.integration.formula_lab import apply_sls, failed_states, lab_pillar
 from tests.lab.lab import Lab
 
 pytestmark = pytest.mark.lab
 
 BUILD = "qubes.network.sys-dns"
-ENCRYPTED_ENDPOINTS = {"uplink-dnscrypt", "uplink-doh"}
 # The uplink's plain resolver answers with this TXT marker: an answer carrying it
 # went out in plaintext.
 PLAIN_ENDPOINT = "uplink-plain"
@@ -48,33 +54,6 @@ UPSTREAM_UNBLOCK = "nft delete table ip labfault"
 
 WHONIX_QUBES = ("sys-whonix", "anon-whonix")
 RECOVERY_TIMEOUT = 30.0
-TCP_ATTEMPTS = 8
-
-
-def unique_name(zone="lab.test"):
-    """Return a name no cache holds, so the query must reach an upstream."""
-    return f"n{uuid.uuid4().hex[:12]}.{zone}"
-
-
-def endpoint(result):
-    return " ".join(str(answer) for answer in result.get("answers", []))
-
-
-def is_encrypted_answer(result):
-    return result["status"] == "answer" and result["rcode"] == 0 and endpoint(result) in ENCRYPTED_ENDPOINTS
-
-
-def is_fail_closed(result):
-    """A query that got no answer, an error code, or an answer from dnscrypt-proxy."""
-    if result["status"] != "answer":
-        return True
-    if result["rcode"] != 0:
-        return True
-    return endpoint(result) in ENCRYPTED_ENDPOINTS
-
-
-def query_txt(lab, client, server="10.139.1.1", tcp=False, name=None, timeout=2.0):
-    return lab.dns_query(client, name or unique_name(), "TXT", server=server, tcp=tcp, timeout=timeout)
 
 
 def wait_resolves(lab, client="personal", timeout=RECOVERY_TIMEOUT):
@@ -88,24 +67,6 @@ def wait_resolves(lab, client="personal", timeout=RECOVERY_TIMEOUT):
         assert is_fail_closed(last), last
         time.sleep(0.3)
     raise AssertionError(f"{client} did not resolve within {timeout} s: last result {last}")
-
-
-def resolve_encrypted(lab, client, server, tcp):
-    """Query until an encrypted answer comes; every attempt must fail closed.
-
-    NOTE: the lab's dnsdist 1.7 closes about half of the DNSCrypt-over-TCP
-    connections of dnscrypt-proxy 2.1.8 without a reply (seen for 387-byte padded
-    queries, not for 195-byte ones), so a TCP query may need a second try. The
-    formula cannot change that, and every such failure is closed.
-    """
-    attempts = []
-    for _ in range(TCP_ATTEMPTS if tcp else 2):
-        result = query_txt(lab, client, server=server, tcp=tcp)
-        attempts.append(result)
-        assert is_fail_closed(result), f"{server} tcp={tcp}: {result}"
-        if is_encrypted_answer(result):
-            return attempts
-    raise AssertionError(f"{client} -> {server} tcp={tcp}: no encrypted answer in {attempts}")
 
 
 def assert_resolves_everywhere(lab, client="personal", servers=IPV4_SERVERS):
