@@ -1,5 +1,5 @@
 """
-Reading DNS answers that lab clients get through the built chain.
+Helpers that send lab clients' DNS queries through the built chain and check the answers.
 
 The lab's resolvers answer a TXT query for any *.lab.test name with a record that
 names the uplink endpoint that answered: dnscrypt-proxy's upstreams (DNSCrypt, DoH)
@@ -12,8 +12,8 @@ ENCRYPTED_ENDPOINTS = {"uplink-dnscrypt", "uplink-doh"}
 # NOTE: the lab's dnsdist 1.7 closes about half of the DNSCrypt-over-TCP connections
 # of dnscrypt-proxy 2.1.8 without a reply (seen for 387-byte padded queries, not for
 # 195-byte ones), and dnscrypt-proxy then closes the client's TCP connection too.
-# The formula cannot change that, and every such failure is closed, so a TCP query
-# may need several tries; eight misses in a row have not been seen.
+# The formula cannot change that, and every such failure is closed. A TCP query may
+# therefore need several tries.
 TCP_ATTEMPTS = 8
 UDP_ATTEMPTS = 2
 
@@ -47,7 +47,7 @@ def query_txt(lab, client, server="10.139.1.1", tcp=False, name=None, timeout=2.
 def resolve_encrypted(lab, client, server, tcp):
     """Query until an encrypted answer comes and return the attempts.
 
-    Every attempt must fail closed; no encrypted answer within the attempts fails.
+    Every attempt must fail closed. The check fails when no attempt gets an encrypted answer.
     """
     attempts = []
     for _ in range(TCP_ATTEMPTS if tcp else UDP_ATTEMPTS):
