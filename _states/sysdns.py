@@ -639,6 +639,7 @@ LEGACY_LIST_COMMAND = "sh -s list"
 LEGACY_REMOVE_COMMAND = "sh -s remove"
 # Feature that qube_present sets on every sys-dns the formula builds.
 BUILT_FEATURE = "service.sysdns"
+LEGACY_DEFERRED = "sysdns.legacy_deferred"
 
 
 def parse_legacy_output(output, status):
@@ -652,7 +653,7 @@ def _legacy_artifacts(name, script, command):
     return parse_legacy_output(result["stdout"], "present" if command == LEGACY_LIST_COMMAND else "removed")
 
 
-def legacy_removed(name, script=LEGACY_SCRIPT):
+def legacy_removed(name, script=LEGACY_SCRIPT, after_start=False):
     """
     Ensure sys-dns contains nothing that the original hand-written sys-dns design left:
     its DNAT script /rw/config/nft-dnscrypt.sh, the unit dnscrypt-nft.service, the nft
@@ -662,49 +663,75 @@ def legacy_removed(name, script=LEGACY_SCRIPT):
 
     Each artifact removed is one change, ``{ID: {"old": "present", "new": "removed"}}``.
     A running qube is inspected at every run (one read-only ``qvm-run``). A halted qube
-    that lacks the feature ``service.sysdns`` was not built by the formula: it is
-    started, because its /rw can only be read from inside, and the qube_present state
-    that follows shuts it down again when its template changes. A halted qube built
-    by the formula is left alone.
+    built by the formula (feature ``service.sysdns``) is left alone.
 
-    NOTE: under ``test=True`` a halted qube is not started, so the prediction names
-    the start but not the artifacts in its /rw.
+    A halted qube that lacks that feature was made by hand, and its /rw can only be
+    read from inside. Starting it as it is would attach the downstream qubes that still
+    run to a qube without the formula's port-53 guard. So this state only records it,
+    and a second instance with ``after_start: true``, placed after the states that move
+    the qube to the formula's template and start it, inspects it there. At that point
+    only the script in /rw is left (the rest lived in the root volume), and the
+    formula's guard and redirect are loaded at boot.
 
     name
         The qube to clean, e.g. ``sys-dns``.
     script
         The script that lists and removes the artifacts, on the Salt file server.
+    after_start
+        ``false`` (default): inspect a running qube, and record a halted hand-made one.
+        ``true``: inspect only a qube that an earlier instance of this state recorded
+        in the same run. Under ``test=True`` that qube is still halted, so the
+        prediction names the inspection but not what its /rw contains.
 
     .. code-block:: yaml
 
         sys-dns legacy artifacts removed:
           sysdns.legacy_removed:
             - name: sys-dns
+
+        sys-dns legacy artifacts removed after start:
+          sysdns.legacy_removed:
+            - name: sys-dns
+            - after_start: true
+            - require:
+              - sysdns: sys-dns running
     """
     ret = _ret(name, "Qube {} contains nothing of the original hand-written sys-dns design".format(name))
     try:
-        qube = __salt__["sysdns_qvm.get_qube"](name)
+        # The states of one run share __context__: the first instance records here the
+        # halted hand-made qubes that the instance with after_start inspects.
+        deferred = __context__.setdefault(LEGACY_DEFERRED, set())
+        if after_start and name not in deferred:
+            return ret
+
+        qube = __salt__["sysdns_qvm.get_qube"](name, refresh=after_start)
         if qube is None:
             return ret
 
-        changes = {}
         if qube["state"] != "Running":
-            if BUILT_FEATURE in __salt__["sysdns_qvm.features"](name):
-                return ret
-            changes["state"] = {"old": qube["state"], "new": "Running"}
-            if __opts__["test"]:
-                ret["changes"] = changes
+            if after_start:
+                if not __opts__["test"]:
+                    raise CommandExecutionError(
+                        "qube {} is {} where it should run on the formula's template; start it "
+                        "(qvm-start {}) and apply the build again".format(name, qube["state"], name)
+                    )
                 ret["result"] = None
                 ret["comment"] = (
-                    "Qube {} would have been started to look for what the original hand-written "
-                    "sys-dns design left in its /rw".format(name)
+                    "Qube {} would have been inspected for what the original hand-written sys-dns "
+                    "design left in its /rw once it runs on the formula's template".format(name)
                 )
                 return ret
-            # NOTE: Qubes attaches downstream qubes that still run when this qube
-            # starts, and the hand-made qube has no guard: until qube_present shuts it
-            # down, their DNS can reach Qubes' dnat-dns and sys-net in plaintext.
-            __salt__["sysdns_qvm.start"](name)
+            if BUILT_FEATURE in __salt__["sysdns_qvm.features"](name):
+                return ret
+            deferred.add(name)
+            ret["comment"] = (
+                "Qube {} is halted and was made by hand: it is inspected for what the original "
+                "hand-written sys-dns design left in its /rw once it runs on the formula's "
+                "template".format(name)
+            )
+            return ret
 
+        changes = {}
         content = _resolve_files({"script": {"source": script}})["script"]["content"]
         present = _legacy_artifacts(name, content, LEGACY_LIST_COMMAND)
         for artifact in present:
@@ -726,10 +753,7 @@ def legacy_removed(name, script=LEGACY_SCRIPT):
                     name, ", ".join(present) or "none", ", ".join(removed) or "none"
                 )
             )
-        if present:
-            ret["comment"] = "Removed from {}: {}".format(name, ", ".join(present))
-        else:
-            ret["comment"] = "Qube {} has been started and contains nothing of the original design".format(name)
+        ret["comment"] = "Removed from {}: {}".format(name, ", ".join(present))
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["changes"] = {}
         return _fail(ret, str(exc))

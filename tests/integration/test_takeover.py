@@ -10,12 +10,17 @@ nft tables, a passing tests SLS, no plaintext DNS leaving sys-dns, and a second 
 without changes.
 """
 
+import threading
+import time
+
 import pytest
 
 from tests.integration import original_design
+from tests.integration.answers import is_encrypted_answer, is_fail_closed, query_txt
 from tests.integration.formula_lab import apply_sls, changes_by_state, failed_states, lab_pillar
 from tests.integration.test_build import dom0_calls, mutating, resolves_encrypted
 from tests.integration.test_rollback import apply_ok, estate
+from tests.integration.test_scenarios import force_shutdown
 from tests.lab.layout import REPO_DIR
 
 pytestmark = pytest.mark.lab
@@ -24,6 +29,7 @@ BUILD = "qubes.network.sys-dns"
 ROLLBACK = "qubes.network.sys-dns.rollback"
 TESTS = "qubes.tests.sys-dns"
 LEGACY_STATE = "qubes.network.sys-dns - sys-dns free of the original design's artifacts"
+LEGACY_AFTER_START = "qubes.network.sys-dns - sys-dns free of the original design's artifacts once running"
 
 EXPECTED_ARTIFACTS = {
     "/rw/config/nft-dnscrypt.sh",
@@ -235,3 +241,65 @@ def test_takeover_of_own_table_and_dnat_rules(fresh_lab):
     assert changes_by_state(again) == {}
     tests = apply_ok(lab, TESTS)
     assert all(ret["result"] is True for ret in tests.values()), tests
+
+
+def test_takeover_of_halted_original_design(fresh_lab):
+    """A halted hand-made sys-dns is inspected only once it runs with the formula's guard."""
+    lab = fresh_lab()
+    lab.write_pillar("sysdns", lab_pillar(lab))
+    original_design.install(lab)
+    # sys-firewall keeps running, detached, as after `qvm-shutdown --force sys-dns`;
+    # Qubes attaches it again when sys-dns starts.
+    force_shutdown(lab, "sys-dns")
+    assert lab.status()["qubes"]["sys-firewall"]["state"] == "Running"
+    original = estate(lab)
+
+    # A test run starts nothing and predicts the inspection, not what /rw contains.
+    calls_before = len(lab.calls())
+    predicted = apply_ok(lab, BUILD, "test=True")
+    calls = dom0_calls(lab, calls_before)
+    assert mutating(calls) == []
+    assert estate(lab) == original
+    assert lab.status()["qubes"]["sys-dns"]["state"] == "Halted"
+    assert predicted[LEGACY_STATE]["result"] is True
+    assert predicted[LEGACY_STATE]["changes"] == {}
+    assert predicted[LEGACY_AFTER_START]["result"] is None
+
+    # A client asks all through the build: every query fails closed or gets an
+    # encrypted answer, and no plaintext port-53 packet reaches the uplink.
+    results = []
+    stop = threading.Event()
+
+    def ask():
+        count = 0
+        while not stop.is_set():
+            results.append(query_txt(lab, "personal", tcp=count % 2 == 1, timeout=0.3))
+            count += 1
+
+    sender = threading.Thread(target=ask, name="takeover-queries")
+    with lab.observe("sys-net") as observer:
+        sender.start()
+        try:
+            applied = apply_ok(lab, BUILD)
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            sender.join()
+        observation = observer.stop()
+    assert observation.dns_queries == [], observation.summary()
+    for result in results:
+        assert is_fail_closed(result), result
+    assert any(is_encrypted_answer(result) for result in results), results[-5:]
+
+    # Only the script in /rw outlived the shutdown; the second instance removes it.
+    assert applied[LEGACY_STATE]["changes"] == {}
+    assert applied[LEGACY_AFTER_START]["changes"] == {
+        "/rw/config/nft-dnscrypt.sh": {"old": "present", "new": "removed"}
+    }
+    assert lab.exec("sys-dns", "test -e /rw/config/nft-dnscrypt.sh").returncode == 1
+    assert lab.qvm("qvm-prefs", "sys-dns", "template").stdout.strip() == "tpl-sys-dns"
+
+    tests = apply_ok(lab, TESTS)
+    assert all(ret["result"] is True for ret in tests.values()), tests
+    again = apply_ok(lab, BUILD)
+    assert changes_by_state(again) == {}

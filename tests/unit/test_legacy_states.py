@@ -129,28 +129,72 @@ def test_legacy_removed_clean_running_qube():
     assert fake.changes == []
 
 
-def test_legacy_removed_starts_halted_hand_made_qube():
+def test_legacy_removed_defers_halted_hand_made_qube():
     fake = original_estate(state="Halted")
     fake.legacy_artifacts["sys-dns"] = {"/rw/config/nft-dnscrypt.sh"}
+    module = states(fake)
 
-    ret = states(fake).legacy_removed("sys-dns")
+    ret = module.legacy_removed("sys-dns")
 
     assert ret["result"] is True
-    assert ret["changes"] == {
-        "state": {"old": "Halted", "new": "Running"},
-        "/rw/config/nft-dnscrypt.sh": {"old": "present", "new": "removed"},
-    }
-    assert fake.changes[0] == ("start", "sys-dns")
+    assert ret["changes"] == {}
+    assert "once it runs on the formula's template" in ret["comment"]
+    assert fake.changes == []
+    assert fake.runs == []
+    assert fake.legacy_artifacts["sys-dns"] == {"/rw/config/nft-dnscrypt.sh"}
+
+
+def test_legacy_removed_after_start_cleans_deferred_qube():
+    fake = original_estate(state="Halted")
+    fake.legacy_artifacts["sys-dns"] = {"/rw/config/nft-dnscrypt.sh"}
+    module = states(fake)
+    module.legacy_removed("sys-dns")
+    fake.qubes["sys-dns"]["state"] = "Running"
+
+    ret = module.legacy_removed("sys-dns", after_start=True)
+
+    assert ret["result"] is True
+    assert ret["changes"] == {"/rw/config/nft-dnscrypt.sh": {"old": "present", "new": "removed"}}
+    assert commands(fake) == [LIST, REMOVE]
     assert fake.legacy_artifacts["sys-dns"] == set()
 
 
-def test_legacy_removed_halted_test_mode_starts_nothing():
+def test_legacy_removed_after_start_skips_undeferred_qube():
+    fake = original_estate()
+
+    ret = states(fake).legacy_removed("sys-dns", after_start=True)
+
+    assert ret["result"] is True
+    assert ret["changes"] == {}
+    assert fake.runs == []
+    assert fake.legacy_artifacts["sys-dns"] == ARTIFACTS
+
+
+def test_legacy_removed_after_start_halted_fails():
     fake = original_estate(state="Halted")
+    module = states(fake)
+    module.legacy_removed("sys-dns")
 
-    ret = states(fake, test=True).legacy_removed("sys-dns")
+    ret = module.legacy_removed("sys-dns", after_start=True)
 
-    assert ret["result"] is None
-    assert ret["changes"] == {"state": {"old": "Halted", "new": "Running"}}
+    assert ret["result"] is False
+    assert "qvm-start sys-dns" in ret["comment"]
+    assert fake.runs == []
+    assert fake.changes == []
+
+
+def test_legacy_removed_halted_test_mode_changes_nothing():
+    fake = original_estate(state="Halted")
+    module = states(fake, test=True)
+
+    first = module.legacy_removed("sys-dns")
+    second = module.legacy_removed("sys-dns", after_start=True)
+
+    assert first["result"] is True
+    assert first["changes"] == {}
+    assert second["result"] is None
+    assert second["changes"] == {}
+    assert "would have been inspected" in second["comment"]
     assert fake.changes == []
     assert fake.runs == []
 

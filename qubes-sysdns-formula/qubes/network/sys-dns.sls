@@ -76,7 +76,9 @@
 
 # A sys-dns built by the original hand-written design keeps its DNAT script in /rw,
 # its nft table and rules and its unit: remove them while the qube still runs as it
-# was, before the next state moves it to the formula's template.
+# was, before the next state moves it to the formula's template. A halted one is
+# inspected by the second instance below, once it runs on that template with the
+# formula's guard.
 "qubes.network.sys-dns - {{ qube }} free of the original design's artifacts":
   sysdns.legacy_removed:
     - name: {{ qube }}
@@ -111,14 +113,22 @@
       - sysdns: "qubes.network.sys-dns - qube {{ qube }} present"
 {%- if sysdns.qube['class'] == 'DispVM' %}
       - sysdns: "qubes.network.sys-dns - configuration stored in {{ config_qube }}"
-{%- else %}
+{%- endif %}
+
+"qubes.network.sys-dns - {{ qube }} free of the original design's artifacts once running":
+  sysdns.legacy_removed:
+    - name: {{ qube }}
+    - after_start: true
+    - require:
+      - sysdns: "qubes.network.sys-dns - qube {{ qube }} running"
+{%- if sysdns.qube['class'] != 'DispVM' %}
 
 "qubes.network.sys-dns - configuration of {{ qube }} applied":
   sysdns.config_applied:
     - name: {{ qube }}
     - files: {{ salt['sysdns_config.config_files'](sysdns) | json }}
     - require:
-      - sysdns: "qubes.network.sys-dns - qube {{ qube }} running"
+      - sysdns: "qubes.network.sys-dns - {{ qube }} free of the original design's artifacts once running"
 {%- endif %}
 {%- for client in sysdns.rewire %}
 
@@ -127,7 +137,7 @@
     - name: {{ client }}
     - netvm: {{ qube }}
     - require:
-      - sysdns: "qubes.network.sys-dns - qube {{ qube }} running"
+      - sysdns: "qubes.network.sys-dns - {{ qube }} free of the original design's artifacts once running"
 {%-   if sysdns.qube['class'] != 'DispVM' %}
       - sysdns: "qubes.network.sys-dns - configuration of {{ qube }} applied"
 {%-   endif %}
