@@ -458,8 +458,8 @@ def _txt_data(rdata):
 
 def _read_certificate(text):
     """
-    Return the certificate in one joined TXT record, or a string that says why
-    dnscrypt-proxy would skip the record.
+    Return the certificate in one joined TXT record, or else the reason why
+    dnscrypt-proxy would skip the record, as a string.
     """
     if len(text) < _CERT_MIN_LENGTH:
         return "a TXT record of {} bytes is shorter than a certificate ({} bytes)".format(len(text), _CERT_MIN_LENGTH)
@@ -553,8 +553,8 @@ def select_certificate(certificates, clock):
 
     ``certificates`` is a list from :py:func:`parse_certificate_response`. Like
     FetchCurrentDNSCryptCert in dnscrypt_certs.go of dnscrypt-proxy 2.1, this takes
-    the highest serial among the certificates valid at ``clock`` and, for the same
-    serial, the highest es-version; of equal ones, the last in the response.
+    the highest serial among the certificates valid at ``clock``. For the same serial
+    it takes the higher es-version, and of two equal ones the later in the response.
     """
     chosen = None
     for cert in certificates:

@@ -27,7 +27,7 @@ diagnose_module.__salt__ = SALT
 
 def cert_answer(*windows, query_id=0x5D00, magic=b"DNSC", es_versions=()):
     """
-    Return the hex of a DNS answer holding one certificate per (begin, end) window, of
+    Return the hex of a DNS answer containing one certificate per (begin, end) window, of
     es-version 2 unless ``es_versions`` gives one per window.
     """
     question = b"".join(bytes([len(label)]) + label.encode() for label in PROVIDER.split(".")) + b"\x00"
@@ -128,13 +128,13 @@ def test_cert_query_rejects_invalid_name():
         diagnose_module.build_cert_query("a..b", 1)
 
 
-# sysdns.parse_certificate_response reads the answers; tests/unit/test_status.py
+# sysdns.parse_certificate_response reads the answers. tests/unit/test_status.py
 # covers it with malformed input.
 
 
 def test_cert_answer_parsed_by_status_parser():
-    query_answer = cert_answer((NOW - 600, NOW + 600))
-    status, certificates, reason = diagnose_module._certificate_status(query_answer, NOW)
+    answer = cert_answer((NOW - 600, NOW + 600))
+    status, certificates, reason = diagnose_module._certificate_status(answer, NOW)
     assert status == "valid"
     assert [(cert["valid_from"], cert["valid_until"]) for cert in certificates] == [(NOW - 600, NOW + 600)]
     assert reason == ""
