@@ -334,9 +334,11 @@ _SERVER_MESSAGE_RE = re.compile(r"^\[(?P<name>[^\]]+)\]:? (?P<text>.*)$")
 # Layout of a DNSCrypt certificate, as dnscrypt_certs.go of dnscrypt-proxy 2.1.8
 # reads it. It starts with the magic "DNSC", es_version, a minor version and a
 # 64-byte signature. The signed part follows: resolver key (32 bytes), client magic
-# (8), then serial, ts_start and ts_end as big-endian 32-bit integers.
+# (8), then serial, ts_start and ts_end as big-endian 32-bit integers. Both
+# sysdns.status and sysdns.diagnose read certificates with parse_certificate_response.
 _CERT_MAGIC = b"DNSC"
 _CERT_MIN_LENGTH = 124
+# The es_versions dnscrypt-proxy supports; it skips a certificate of any other.
 _CERT_CONSTRUCTIONS = {1: "XSalsa20Poly1305", 2: "XChacha20Poly1305"}
 _DNS_TYPE_TXT = 16
 
@@ -433,30 +435,78 @@ def _skip_dns_name(data, pos):
             raise ValueError("a name runs past the end of the message")
         length = data[pos]
         if length & 0xC0 == 0xC0:
+            if pos + 2 > len(data):
+                raise ValueError("a name runs past the end of the message")
             return pos + 2
         if length == 0:
             return pos + 1
         pos += 1 + length
 
 
+def _txt_data(rdata):
+    """Join the character-strings of one TXT record, as dnscrypt-proxy does before it reads a certificate."""
+    text = b""
+    index = 0
+    while index < len(rdata):
+        size = rdata[index]
+        if index + 1 + size > len(rdata):
+            raise ValueError("a TXT string of {} bytes runs past the end of its record".format(size))
+        text += rdata[index + 1 : index + 1 + size]
+        index += 1 + size
+    return text
+
+
+def _read_certificate(text):
+    """
+    Return the certificate in one joined TXT record, or else the reason why
+    dnscrypt-proxy would skip the record, as a string.
+    """
+    if len(text) < _CERT_MIN_LENGTH:
+        return "a TXT record of {} bytes is shorter than a certificate ({} bytes)".format(len(text), _CERT_MIN_LENGTH)
+    if text[:4] != _CERT_MAGIC:
+        return "a TXT record starts with {!r}, not the certificate magic {!r}".format(text[:4], _CERT_MAGIC)
+    version = int.from_bytes(text[4:6], "big")
+    serial = int.from_bytes(text[112:116], "big")
+    valid_from = int.from_bytes(text[116:120], "big")
+    valid_until = int.from_bytes(text[120:124], "big")
+    if version not in _CERT_CONSTRUCTIONS:
+        return "certificate {} has es-version {}, expected 1 or 2".format(serial, version)
+    if valid_from >= valid_until:
+        return "certificate {} ends ({}) before it starts ({})".format(serial, _utc(valid_until), _utc(valid_from))
+    return {
+        "serial": serial,
+        "valid_from": valid_from,
+        "valid_until": valid_until,
+        "es_version": version,
+        "construction": _CERT_CONSTRUCTIONS[version],
+    }
+
+
 def parse_certificate_response(hex_text):
     """
     Parse a DNS response to a DNSCrypt certificate query, given as hexadecimal text.
 
-    Returns a list of ``{"serial", "valid_from", "valid_until", "construction"}``
-    (times in seconds since the epoch), one per certificate in the TXT answers.
-    Raises ValueError for a response that is not a DNS message or holds no
-    certificate.
+    Returns a list of ``{"serial", "valid_from", "valid_until", "es_version",
+    "construction"}`` (times in seconds since the epoch), one per certificate in the
+    TXT answers that dnscrypt-proxy would consider before it checks the time. Like
+    dnscrypt-proxy, it skips records that are not TXT, too short, without the magic,
+    of an es-version other than 1 or 2, or that end before they start. Raises
+    ValueError, with the reason, for a response that is not a well-formed DNS
+    response or contains no such certificate.
 
     NOTE: the signature is not verified here (dom0's Python has no Ed25519);
     dnscrypt-proxy verifies it, and its "OK (DNSCrypt)" log line says it accepted one.
     """
+    if not isinstance(hex_text, str):
+        raise ValueError("the response is {}, not hexadecimal text".format(type(hex_text).__name__))
     try:
         data = bytes.fromhex(hex_text)
     except ValueError:
         raise ValueError("the response is not hexadecimal text") from None
     if len(data) < 12:
         raise ValueError("the response is shorter than a DNS header ({} bytes)".format(len(data)))
+    if not data[2] & 0x80:
+        raise ValueError("the message is a query, not a response")
     rcode = data[3] & 0x0F
     if rcode != 0:
         raise ValueError("the server answered with response code {}".format(rcode))
@@ -464,37 +514,55 @@ def parse_certificate_response(hex_text):
     pos = 12
     for _ in range(questions):
         pos = _skip_dns_name(data, pos) + 4
+        if pos > len(data):
+            raise ValueError("a question runs past the end of the message")
     certificates = []
+    skipped = []
     for _ in range(answers):
         pos = _skip_dns_name(data, pos)
         if pos + 10 > len(data):
             raise ValueError("an answer record runs past the end of the message")
         rtype = int.from_bytes(data[pos : pos + 2], "big")
         rdlength = int.from_bytes(data[pos + 8 : pos + 10], "big")
+        if pos + 10 + rdlength > len(data):
+            raise ValueError("an answer record of {} data bytes runs past the end of the message".format(rdlength))
         rdata = data[pos + 10 : pos + 10 + rdlength]
         pos += 10 + rdlength
-        if rtype != _DNS_TYPE_TXT or len(rdata) != rdlength:
+        if rtype != _DNS_TYPE_TXT:
             continue
-        text = b""
-        index = 0
-        while index < len(rdata):
-            size = rdata[index]
-            text += rdata[index + 1 : index + 1 + size]
-            index += 1 + size
-        if len(text) < _CERT_MIN_LENGTH or text[:4] != _CERT_MAGIC:
-            continue
-        version = int.from_bytes(text[4:6], "big")
-        certificates.append(
-            {
-                "serial": int.from_bytes(text[112:116], "big"),
-                "valid_from": int.from_bytes(text[116:120], "big"),
-                "valid_until": int.from_bytes(text[120:124], "big"),
-                "construction": _CERT_CONSTRUCTIONS.get(version, "unknown ({})".format(version)),
-            }
-        )
+        certificate = _read_certificate(_txt_data(rdata))
+        if isinstance(certificate, str):
+            skipped.append(certificate)
+        else:
+            certificates.append(certificate)
     if not certificates:
-        raise ValueError("the response contains no DNSCrypt certificate")
+        reason = "the response contains no DNSCrypt certificate"
+        if skipped:
+            reason += ": " + "; ".join(skipped)
+        # TC: the answer did not fit in the datagram, and the server left records out.
+        if data[2] & 0x02:
+            reason += " (the server set the truncation flag)"
+        raise ValueError(reason)
     return certificates
+
+
+def select_certificate(certificates, clock):
+    """
+    Return the certificate dnscrypt-proxy uses at ``clock`` (seconds since the epoch),
+    or None when none is valid then.
+
+    ``certificates`` is a list from :py:func:`parse_certificate_response`. Like
+    FetchCurrentDNSCryptCert in dnscrypt_certs.go of dnscrypt-proxy 2.1, this takes
+    the highest serial among the certificates valid at ``clock``. For the same serial
+    it takes the higher es-version, and of two equal ones the later in the response.
+    """
+    chosen = None
+    for cert in certificates:
+        if not cert["valid_from"] <= clock <= cert["valid_until"]:
+            continue
+        if chosen is None or (cert["serial"], cert["es_version"]) >= (chosen["serial"], chosen["es_version"]):
+            chosen = cert
+    return chosen
 
 
 def _utc(seconds):
@@ -511,7 +579,7 @@ def describe_certificate(fetched, clock):
         The qube's time in seconds since the epoch, or None when unknown.
 
     Returns a dict with ``valid_now`` (True, False or None when unknown), the window
-    of the newest certificate valid now (else of the newest one) and ``problem``.
+    of the certificate dnscrypt-proxy uses now (else of the newest one) and ``problem``.
     """
     if isinstance(fetched, dict):
         return {"valid_now": None, "problem": "certificate not fetched: {}".format(fetched.get("error"))}
@@ -519,13 +587,11 @@ def describe_certificate(fetched, clock):
         certificates = parse_certificate_response(fetched)
     except ValueError as error:
         return {"valid_now": None, "problem": "certificate unreadable: {}".format(error)}
-    if clock is None:
-        valid = []
-    else:
-        valid = [cert for cert in certificates if cert["valid_from"] <= clock <= cert["valid_until"]]
-    chosen = max(valid or certificates, key=lambda cert: cert["serial"])
+    chosen = None if clock is None else select_certificate(certificates, clock)
+    if chosen is None:
+        chosen = max(certificates, key=lambda cert: (cert["serial"], cert["es_version"]))
     described = {
-        "valid_now": None if clock is None else bool(valid),
+        "valid_now": None if clock is None else chosen["valid_from"] <= clock <= chosen["valid_until"],
         "valid_from": _utc(chosen["valid_from"]),
         "valid_until": _utc(chosen["valid_until"]),
         "serial": chosen["serial"],
@@ -534,7 +600,7 @@ def describe_certificate(fetched, clock):
     }
     if clock is None:
         described["problem"] = "the clock of the qube is unknown"
-    elif valid:
+    elif described["valid_now"]:
         described["days_left"] = round((chosen["valid_until"] - clock) / 86400, 1)
     else:
         described["problem"] = (

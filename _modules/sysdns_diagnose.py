@@ -60,11 +60,8 @@ SERVER_OK_RE = re.compile(r"\[([^\]]+)\] OK \((DNSCrypt|DoH|ODoH)\)")
 STARTED_RE = re.compile(r"\] dnscrypt-proxy \d+\.\d+\.\d+$")
 SEVERE_RE = re.compile(r"\[(FATAL|CRITICAL|ERROR)\] (.*)")
 
-# DNSCrypt certificate layout, as dnscrypt_certs.go of dnscrypt-proxy 2.1.8 reads it:
-# "DNSC", es-version (2 bytes), minor (2), signature (64), resolver public key (32),
-# client magic (8), serial (4), ts-start (4), ts-end (4).
-CERT_MAGIC = b"DNSC"
-CERT_MIN_LENGTH = 124
+# DNS record type TXT (RFC 1035), which carries DNSCrypt certificates. The answers
+# are read by sysdns.parse_certificate_response, shared with sysdns.status.
 TYPE_TXT = 16
 
 
@@ -106,60 +103,6 @@ def build_cert_query(provider_name, query_id):
     header = struct.pack(">HHHHHH", query_id & 0xFFFF, 0x0100, 1, 0, 0, 0)
     question = b"".join(bytes([len(label)]) + label.encode("ascii") for label in labels)
     return (header + question + b"\x00" + struct.pack(">HH", TYPE_TXT, 1)).hex()
-
-
-def _skip_name(message, offset):
-    while True:
-        if offset >= len(message):
-            raise ValueError("truncated name")
-        length = message[offset]
-        if length & 0xC0 == 0xC0:
-            return offset + 2
-        if length == 0:
-            return offset + 1
-        offset += 1 + length
-
-
-def parse_cert_answer(answer_hex):
-    """
-    Parse a DNS answer to a certificate query into DNSCrypt certificates.
-
-    Returns a list of ``{"serial", "begin", "end"}`` (Unix times) for every TXT record
-    that starts with the certificate magic. The signature is not verified: dnscrypt-proxy
-    does that, and a forged certificate could only make the diagnosis wrong, not the
-    resolver. Raises ValueError for a message that is not a DNS answer.
-    """
-    message = bytes.fromhex(answer_hex)
-    if len(message) < 12:
-        raise ValueError("DNS message shorter than its header")
-    _, flags, questions, answers, _, _ = struct.unpack(">HHHHHH", message[:12])
-    if not flags & 0x8000:
-        raise ValueError("DNS message is not a response")
-    offset = 12
-    for _ in range(questions):
-        offset = _skip_name(message, offset) + 4
-    certificates = []
-    for _ in range(answers):
-        offset = _skip_name(message, offset)
-        if offset + 10 > len(message):
-            raise ValueError("truncated resource record")
-        rtype, _, _, length = struct.unpack(">HHIH", message[offset : offset + 10])
-        offset += 10
-        rdata = message[offset : offset + length]
-        offset += length
-        if rtype != TYPE_TXT:
-            continue
-        text = b""
-        position = 0
-        while position < len(rdata):
-            size = rdata[position]
-            text += rdata[position + 1 : position + 1 + size]
-            position += 1 + size
-        if len(text) < CERT_MIN_LENGTH or text[:4] != CERT_MAGIC:
-            continue
-        serial, begin, end = struct.unpack(">III", text[112:124])
-        certificates.append({"serial": serial, "begin": begin, "end": end})
-    return certificates
 
 
 def diagnose_timeout(server_count):
@@ -502,18 +445,19 @@ def _format_time(epoch):
 
 
 def _certificate_status(answer_hex, now):
-    """Return ("none" | "unreadable" | "valid" | "invalid", certificates)."""
+    """
+    Return ``(status, certificates, reason)``: status is "none", "unreadable", "valid"
+    or "invalid" at ``now``; reason says why an answer is unreadable.
+    """
     if answer_hex is None:
-        return "none", []
+        return "none", [], ""
     try:
-        certificates = parse_cert_answer(answer_hex)
-    except ValueError:
-        return "unreadable", []
-    if not certificates:
-        return "unreadable", []
-    if any(cert["begin"] <= now <= cert["end"] for cert in certificates):
-        return "valid", certificates
-    return "invalid", certificates
+        certificates = __salt__["sysdns.parse_certificate_response"](answer_hex)
+    except ValueError as error:
+        return "unreadable", [], str(error)
+    if __salt__["sysdns.select_certificate"](certificates, now) is not None:
+        return "valid", certificates, ""
+    return "invalid", certificates, ""
 
 
 def classify_clock(report, dom0_clock, servers, qube):
@@ -526,28 +470,34 @@ def classify_clock(report, dom0_clock, servers, qube):
     direction = "ahead of" if offset > 0 else "behind"
     clock_text = f"the clock of {qube} reads {_format_time(qube_clock)}, {abs(offset)} s {direction} dom0's"
 
+    valid = []
     invalid = []
     unanswered = []
+    unreadable = []
     for server in servers:
-        status, certificates = _certificate_status(report["certs"].get(server["name"]), qube_clock)
-        if status == "invalid":
-            newest = max(certificates, key=lambda cert: cert["end"])
+        status, certificates, reason = _certificate_status(report["certs"].get(server["name"]), qube_clock)
+        if status == "valid":
+            valid.append(server["name"])
+        elif status == "invalid":
+            newest = max(certificates, key=lambda cert: cert["valid_until"])
             invalid.append((server["name"], newest))
-        elif status in ("none", "unreadable"):
+        elif status == "none":
             unanswered.append(server["name"])
+        elif status == "unreadable":
+            unreadable.append(f"{server['name']} ({reason})")
 
     if invalid:
         parts = []
         for name, cert in invalid:
-            if qube_clock < cert["begin"]:
+            if qube_clock < cert["valid_from"]:
                 parts.append(
-                    f"{name}: certificate valid from {_format_time(cert['begin'])}, "
-                    f"{cert['begin'] - qube_clock} s after the qube's clock"
+                    f"{name}: certificate valid from {_format_time(cert['valid_from'])}, "
+                    f"{cert['valid_from'] - qube_clock} s after the qube's clock"
                 )
             else:
                 parts.append(
-                    f"{name}: certificate expired at {_format_time(cert['end'])}, "
-                    f"{qube_clock - cert['end']} s before the qube's clock"
+                    f"{name}: certificate expired at {_format_time(cert['valid_until'])}, "
+                    f"{qube_clock - cert['valid_until']} s before the qube's clock"
                 )
         if skewed:
             cause = (
@@ -556,7 +506,7 @@ def classify_clock(report, dom0_clock, servers, qube):
             )
             fix = f"qvm-run -u root {qube} qvm-sync-clock (sets the qube's clock from dom0's)"
         else:
-            if all(qube_clock < cert["begin"] for _, cert in invalid):
+            if all(qube_clock < cert["valid_from"] for _, cert in invalid):
                 wrong = "the system clock is behind: the certificates are not valid yet"
             else:
                 wrong = "the system clock is ahead, or the server let its certificate expire"
@@ -581,11 +531,12 @@ def classify_clock(report, dom0_clock, servers, qube):
             f"qvm-run -u root {qube} qvm-sync-clock",
         )
     detail = clock_text
-    answered = [server["name"] for server in servers if server["name"] not in unanswered]
-    if answered:
-        detail += "; DNSCrypt certificates valid at its clock: " + ", ".join(answered)
+    if valid:
+        detail += "; DNSCrypt certificates valid at its clock: " + ", ".join(valid)
     if unanswered:
         detail += "; no certificate answer from " + ", ".join(unanswered)
+    if unreadable:
+        detail += "; certificate answer rejected from " + ", ".join(unreadable)
     return finding(check, OK, detail)
 
 

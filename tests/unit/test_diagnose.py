@@ -17,19 +17,25 @@ SALT = {
     "sysdns.check_resolve": checks_module.check_resolve,
     "sysdns.check_no_plaintext": checks_module.check_no_plaintext,
     "sysdns.check_upstream": checks_module.check_upstream,
+    "sysdns.parse_certificate_response": checks_module.parse_certificate_response,
+    "sysdns.select_certificate": checks_module.select_certificate,
     "sysdns_config.decode_stamp": config_module.decode_stamp,
     "sysdns_config.anonymized_resolvers": config_module.anonymized_resolvers,
 }
 diagnose_module.__salt__ = SALT
 
 
-def cert_answer(*windows, query_id=0x5D00, magic=b"DNSC"):
-    """Return the hex of a DNS answer holding one certificate per (begin, end) window."""
+def cert_answer(*windows, query_id=0x5D00, magic=b"DNSC", es_versions=()):
+    """
+    Return the hex of a DNS answer containing one certificate per (begin, end) window, of
+    es-version 2 unless ``es_versions`` gives one per window.
+    """
     question = b"".join(bytes([len(label)]) + label.encode() for label in PROVIDER.split(".")) + b"\x00"
     question += struct.pack(">HH", 16, 1)
     records = b""
     for serial, (begin, end) in enumerate(windows, start=1):
-        cert = magic + b"\x00\x02\x00\x00" + b"\x00" * 104 + struct.pack(">III", serial, begin, end)
+        es_version = es_versions[serial - 1] if es_versions else 2
+        cert = magic + struct.pack(">HH", es_version, 0) + b"\x00" * 104 + struct.pack(">III", serial, begin, end)
         rdata = bytes([len(cert)]) + cert
         records += struct.pack(">HHHIH", 0xC00C, 16, 1, 600, len(rdata)) + rdata
     header = struct.pack(">HHHHHH", query_id, 0x8180, 1, len(windows), 0, 0)
@@ -122,24 +128,24 @@ def test_cert_query_rejects_invalid_name():
         diagnose_module.build_cert_query("a..b", 1)
 
 
-def test_cert_answer_parsed_with_windows():
-    certificates = diagnose_module.parse_cert_answer(cert_answer((10, 20), (30, 40)))
-    assert certificates == [{"serial": 1, "begin": 10, "end": 20}, {"serial": 2, "begin": 30, "end": 40}]
+# sysdns.parse_certificate_response reads the answers. tests/unit/test_status.py
+# covers it with malformed input.
 
 
-def test_cert_answer_ignores_other_txt():
-    assert diagnose_module.parse_cert_answer(cert_answer((10, 20), magic=b"XXXX")) == []
+def test_cert_answer_parsed_by_status_parser():
+    answer = cert_answer((NOW - 600, NOW + 600))
+    status, certificates, reason = diagnose_module._certificate_status(answer, NOW)
+    assert status == "valid"
+    assert [(cert["valid_from"], cert["valid_until"]) for cert in certificates] == [(NOW - 600, NOW + 600)]
+    assert reason == ""
 
 
-def test_cert_answer_rejects_query():
+def test_cert_query_rejected_as_answer():
     query = diagnose_module.build_cert_query(PROVIDER, 1)
-    with pytest.raises(ValueError, match="not a response"):
-        diagnose_module.parse_cert_answer(query)
-
-
-def test_cert_answer_rejects_truncated_message():
-    with pytest.raises(ValueError):
-        diagnose_module.parse_cert_answer(cert_answer((10, 20))[:80])
+    status, certificates, reason = diagnose_module._certificate_status(query, NOW)
+    assert status == "unreadable"
+    assert certificates == []
+    assert reason == "the message is a query, not a response"
 
 
 # The report
@@ -418,6 +424,35 @@ def test_one_valid_certificate_is_enough():
     text = report_text(cert="cert lab-dnscrypt " + cert_answer((NOW - 90000, NOW - 600), (NOW - 600, NOW + 600)))
     checks = by_check(diagnose_module.classify(facts(text)))
     assert checks["clock"]["status"] == "ok"
+    assert "DNSCrypt certificates valid at its clock: lab-dnscrypt" in checks["clock"]["detail"]
+
+
+def test_unsupported_version_is_not_valid():
+    # dnscrypt-proxy skips a certificate of es-version 3, so only the expired one counts.
+    answer = cert_answer((NOW - 90000, NOW - 600), (NOW - 600, NOW + 600), es_versions=(2, 3))
+    checks = by_check(diagnose_module.classify(facts(report_text(cert="cert lab-dnscrypt " + answer))))
+    assert checks["clock"]["status"] == "fail"
+    assert "lab-dnscrypt: certificate expired at" in checks["clock"]["detail"]
+
+
+def test_only_unsupported_versions_rejected():
+    answer = cert_answer((NOW - 600, NOW + 600), es_versions=(3,))
+    checks = by_check(diagnose_module.classify(facts(report_text(cert="cert lab-dnscrypt " + answer))))
+    assert checks["clock"]["status"] == "ok"
+    assert checks["clock"]["detail"].endswith(
+        "; certificate answer rejected from lab-dnscrypt (the response contains no DNSCrypt "
+        "certificate: certificate 1 has es-version 3, expected 1 or 2)"
+    )
+
+
+def test_unreadable_answer_named_in_clock():
+    text = report_text(cert="cert lab-dnscrypt 8180")
+    checks = by_check(diagnose_module.classify(facts(text)))
+    assert checks["clock"]["status"] == "ok"
+    assert "no certificate answer" not in checks["clock"]["detail"]
+    assert checks["clock"]["detail"].endswith(
+        "; certificate answer rejected from lab-dnscrypt (the response is shorter than a DNS header (2 bytes))"
+    )
 
 
 def test_max_clients_named():

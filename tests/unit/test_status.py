@@ -67,16 +67,19 @@ def txt_rdata(data, split=255):
     return b"".join(bytes([len(chunk)]) + chunk for chunk in chunks)
 
 
+# The question of a certificate query: the provider name, type TXT (16), class IN.
+QUESTION = b"\x012\x0ddnscrypt-cert\x03lab\x04test\x00" + struct.pack(">HH", 16, 1)
+
+
 def dns_response(certificates, rcode=0, split=255, extra_answers=()):
     """Return the hexadecimal text of a TXT response holding ``certificates``."""
-    question = b"\x012\x0ddnscrypt-cert\x03lab\x04test\x00" + struct.pack(">HH", 16, 1)
     answers = list(extra_answers)
     for cert in certificates:
         rdata = txt_rdata(cert, split)
         # A compression pointer to the question name at offset 12.
         answers.append(b"\xc0\x0c" + struct.pack(">HHIH", 16, 1, 3600, len(rdata)) + rdata)
     header = struct.pack(">HBBHHHH", 0x1234, 0x84, rcode, 1, len(answers), 0, 0)
-    return (header + question + b"".join(answers)).hex()
+    return (header + QUESTION + b"".join(answers)).hex()
 
 
 def status_output(
@@ -247,7 +250,13 @@ def test_certificate_response_parsed():
     parsed = parse.parse_certificate_response(hex_text)
 
     assert parsed == [
-        {"serial": 7, "valid_from": NOW - DAY, "valid_until": NOW + DAY, "construction": "XSalsa20Poly1305"}
+        {
+            "serial": 7,
+            "valid_from": NOW - DAY,
+            "valid_until": NOW + DAY,
+            "es_version": 1,
+            "construction": "XSalsa20Poly1305",
+        }
     ]
 
 
@@ -261,20 +270,149 @@ def test_certificate_split_over_strings():
     assert parsed[0]["construction"] == "XChacha20Poly1305"
 
 
+def test_certificate_skips_unusable_records():
+    # dnscrypt-proxy skips these records and uses the certificate after them.
+    hex_text = dns_response(
+        [
+            b"v=spf1 -all",
+            b"DNSX" + bytes(120),
+            certificate(5, NOW, NOW + DAY, version=3),
+            certificate(6, NOW + DAY, NOW),
+            certificate(4, NOW, NOW + DAY),
+        ]
+    )
+
+    parsed = parse.parse_certificate_response(hex_text)
+
+    assert [cert["serial"] for cert in parsed] == [4]
+
+
+def test_certificate_keeps_extensions():
+    hex_text = dns_response([certificate(3, NOW, NOW + DAY) + b"extension data"])
+
+    assert [cert["serial"] for cert in parse.parse_certificate_response(hex_text)] == [3]
+
+
+def with_flags(hex_text, flags):
+    """Return ``hex_text`` with the third header byte (QR, opcode, AA, TC, RD) set to ``flags``."""
+    data = bytearray(bytes.fromhex(hex_text))
+    data[2] = flags
+    return data.hex()
+
+
+VALID_RESPONSE = dns_response([certificate(1, NOW, NOW + DAY)])
+# Offset of the first answer record, after the header (12 bytes) and the question.
+ANSWER_OFFSET = 12 + len(QUESTION)
+
+
 @pytest.mark.parametrize(
     ("hex_text", "reason"),
     [
-        ("zz", "not hexadecimal"),
+        ("zz", "the response is not hexadecimal text"),
+        (None, "the response is NoneType, not hexadecimal text"),
         ("0000", "shorter than a DNS header"),
+        (with_flags(VALID_RESPONSE, 0x01), "the message is a query, not a response"),
         (dns_response([], rcode=3), "response code 3"),
-        (dns_response([b"DNSX" + bytes(120)]), "no DNSCrypt certificate"),
-        (dns_response([certificate(1, NOW, NOW + DAY)])[:70], "past the end"),
+        (dns_response([]), "^the response contains no DNSCrypt certificate$"),
+        (dns_response([b"DNSX" + bytes(120)]), "starts with b'DNSX', not the certificate magic b'DNSC'"),
+        (dns_response([b"DNSC" + bytes(60)]), "a TXT record of 64 bytes is shorter than a certificate \\(124 bytes\\)"),
+        (dns_response([certificate(1, NOW, NOW + DAY, version=3)]), "certificate 1 has es-version 3, expected 1 or 2"),
+        (dns_response([certificate(1, NOW, NOW)]), "certificate 1 ends \\(2027-01-15 08:00:00 UTC\\) before it starts"),
+        (with_flags(dns_response([]), 0x86), "no DNSCrypt certificate \\(the server set the truncation flag\\)"),
+        (VALID_RESPONSE[:70], "a name runs past the end of the message"),
+        (VALID_RESPONSE[: 2 * (ANSWER_OFFSET - 2)], "a question runs past the end of the message"),
+        (VALID_RESPONSE[: 2 * (ANSWER_OFFSET + 1)], "a name runs past the end of the message"),
+        (VALID_RESPONSE[: 2 * (ANSWER_OFFSET + 8)], "an answer record runs past the end of the message"),
+        (VALID_RESPONSE[:-2], "an answer record of 125 data bytes runs past the end of the message"),
     ],
-    ids=["not-hex", "short", "nxdomain", "bad-magic", "truncated"],
+    ids=[
+        "not-hex",
+        "not-text",
+        "short",
+        "query",
+        "nxdomain",
+        "no-answer",
+        "bad-magic",
+        "short-record",
+        "es-version-3",
+        "empty-window",
+        "truncation-flag",
+        "cut-in-question-name",
+        "cut-in-question-type",
+        "cut-in-pointer",
+        "cut-in-record-header",
+        "cut-in-record-data",
+    ],
 )
 def test_certificate_response_rejected(hex_text, reason):
     with pytest.raises(ValueError, match=reason):
         parse.parse_certificate_response(hex_text)
+
+
+def test_certificate_string_past_record():
+    # One character-string claims 200 bytes inside a record of 125.
+    rdata = bytes([200]) + certificate(1, NOW, NOW + DAY)
+    record = b"\xc0\x0c" + struct.pack(">HHIH", 16, 1, 3600, len(rdata)) + rdata
+    hex_text = dns_response([], extra_answers=[record])
+
+    with pytest.raises(ValueError, match="a TXT string of 200 bytes runs past the end of its record"):
+        parse.parse_certificate_response(hex_text)
+
+
+def test_certificate_every_cut_rejected():
+    data = bytes.fromhex(VALID_RESPONSE)
+    for length in range(len(data)):
+        with pytest.raises(ValueError):
+            parse.parse_certificate_response(data[:length].hex())
+
+
+def test_certificate_corrupt_bytes_rejected():
+    # Every single-byte change either parses or raises ValueError, never another error.
+    data = bytes.fromhex(dns_response([certificate(1, NOW, NOW + DAY), certificate(2, NOW, NOW + DAY)]))
+    for index in range(len(data)):
+        for value in (0x00, 0x3F, 0xC0, 0xFF):
+            corrupt = data[:index] + bytes([value]) + data[index + 1 :]
+            try:
+                parsed = parse.parse_certificate_response(corrupt.hex())
+            except ValueError:
+                continue
+            assert all(cert["valid_from"] < cert["valid_until"] for cert in parsed)
+
+
+def certificate_entry(serial, valid_from, valid_until, es_version=2):
+    return {
+        "serial": serial,
+        "valid_from": valid_from,
+        "valid_until": valid_until,
+        "es_version": es_version,
+        "construction": parse._CERT_CONSTRUCTIONS[es_version],
+    }
+
+
+def test_select_highest_valid_serial():
+    old = certificate_entry(1, NOW - DAY, NOW + DAY)
+    newest_valid = certificate_entry(3, NOW - DAY, NOW + DAY)
+    future = certificate_entry(9, NOW + DAY, NOW + 2 * DAY)
+
+    assert parse.select_certificate([old, newest_valid, future], NOW) is newest_valid
+    assert parse.select_certificate([newest_valid, old], NOW) is newest_valid
+
+
+def test_select_prefers_es_version_2():
+    version_2 = certificate_entry(4, NOW - DAY, NOW + DAY, es_version=2)
+    version_1 = certificate_entry(4, NOW - DAY, NOW + DAY, es_version=1)
+
+    assert parse.select_certificate([version_2, version_1], NOW) is version_2
+    assert parse.select_certificate([version_1, version_2], NOW) is version_2
+
+
+def test_select_none_valid():
+    expired = certificate_entry(1, NOW - 2 * DAY, NOW - DAY)
+
+    assert parse.select_certificate([expired], NOW) is None
+    assert parse.select_certificate([], NOW) is None
+    # The window includes both ends, as in dnscrypt-proxy.
+    assert parse.select_certificate([expired], NOW - DAY) is expired
 
 
 def test_certificate_valid_now():
@@ -288,6 +426,19 @@ def test_certificate_valid_now():
     assert described["valid_until"] == "2027-01-18 08:00:00 UTC"
     assert described["certificates"] == 2
     assert "problem" not in described
+
+
+def test_certificate_ignores_unsupported_version():
+    hex_text = dns_response(
+        [certificate(9, NOW - DAY, NOW + DAY, version=3), certificate(2, NOW - DAY, NOW + DAY, version=1)]
+    )
+
+    described = parse.describe_certificate(hex_text, NOW)
+
+    assert described["valid_now"] is True
+    assert described["serial"] == 2
+    assert described["construction"] == "XSalsa20Poly1305"
+    assert described["certificates"] == 1
 
 
 def test_certificate_expired_names_clock():
