@@ -27,6 +27,10 @@ PREVIOUS_NETVM_FEATURE = "sysdns.previous-netvm"
 # recorded name. Records written before this value existed contain a name, or "" for none.
 DEFAULT_NETVM = "default"
 
+# __context__ key (shared by the states of one run): qubes that qube_present
+# restarted on a new template in this run.
+RESTARTED_ON_TEMPLATE = "sysdns.restarted_on_template"
+
 HELPER_DIR = "/usr/lib/sysdns"
 
 # Constant commands run in qubes; data travels on standard input, never in these strings.
@@ -376,6 +380,8 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
         restart = qube is not None and "template" in pref_changes and qube["state"] != "Halted"
         if restart:
             changes["state"] = {"old": qube["state"], "new": "restarted on the new template"}
+            # A later `running` state that watches the template needs no second restart.
+            __context__.setdefault(RESTARTED_ON_TEMPLATE, set()).add(name)
         ret["changes"] = changes
         if __opts__["test"]:
             ret["result"] = None
@@ -444,6 +450,9 @@ def mod_watch(name, sfun=None, restart_on_change=True, **kwargs):
         qube = __salt__["sysdns_qvm.get_qube"](name)
         if not restart_on_change or qube is None or qube["state"] != "Running":
             return running(name, restart_on_change)
+        if name in __context__.get(RESTARTED_ON_TEMPLATE, ()):
+            ret["comment"] = "Qube {} is running, restarted on its new template earlier in this run".format(name)
+            return ret
 
         ret["changes"] = {"restarted": {"old": None, "new": name}}
         if __opts__["test"]:

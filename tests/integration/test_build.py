@@ -166,11 +166,15 @@ def test_template_change_on_running_sys_dns(fresh_lab):
     writes = [argv for argv in mutating(dom0_calls(lab, since)) if argv[0] != "qvm-run" or argv[-1] not in READ_ONLY]
     assert writes == []
 
+    since = len(lab.calls())
     code, applied, output = apply_sls(lab, BUILD)
     assert applied is not None, output
     assert failed_states(applied) == {}
     assert code == 0
     assert changes_by_state(applied) == changes_by_state(predicted)
+    # One restart moves sys-dns to the new template; the watch adds no second one.
+    shutdowns = [argv for argv in dom0_calls(lab, since) if argv[0] == "qvm-shutdown" and argv[-1] == "sys-dns"]
+    assert len(shutdowns) == 1, shutdowns
     assert lab.qvm("qvm-prefs", "sys-dns", "template").stdout.strip() == "tpl-sys-dns-13"
     assert lab.qvm("qvm-check", "--running", "sys-dns").returncode == 0
     assert lab.qvm("qvm-prefs", "sys-firewall", "netvm").stdout.strip() == "sys-dns"

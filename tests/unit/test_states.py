@@ -232,6 +232,30 @@ def test_mod_watch_test_mode(fake):
     assert fake.changes == []
 
 
+def test_mod_watch_skips_qube_restarted_on_template(fake):
+    module = states(fake)
+    module.qube_present("sys-firewall", "debian-12-xfce", "green")
+    fake.changes.clear()
+
+    ret = module.mod_watch("sys-firewall", sfun="running")
+
+    assert ret["result"] is True
+    assert ret["changes"] == {}
+    assert "restarted on its new template" in ret["comment"]
+    assert fake.changes == []
+
+
+def test_mod_watch_test_mode_predicts_one_restart(fake):
+    module = states(fake, test=True)
+    module.qube_present("sys-firewall", "debian-12-xfce", "green")
+
+    ret = module.mod_watch("sys-firewall", sfun="running")
+
+    assert ret["result"] is True
+    assert ret["changes"] == {}
+    assert fake.changes == []
+
+
 def test_config_applied_restores_hand_edit(fake):
     for ret in build_sequence(states(fake)):
         assert ret["result"] is True, ret["comment"]
