@@ -648,6 +648,8 @@ LEGACY_LIST_COMMAND = "sh -s list"
 LEGACY_REMOVE_COMMAND = "sh -s remove"
 # Feature that qube_present sets on every sys-dns the formula builds.
 BUILT_FEATURE = "service.sysdns"
+# __context__ key: halted hand-made qubes that legacy_removed leaves to its instance
+# with after_start.
 LEGACY_DEFERRED = "sysdns.legacy_deferred"
 
 
