@@ -317,9 +317,10 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
         Properties, typed as Qubes stores them (bool, int, qube names).
     features
         Features, as strings; None unsets one. When they set ``service.sysdns`` on an
-        existing qube that lacks it, the qube is adopted: every requested property
-        that follows its default is set explicitly, and the feature ``sysdns.adopted``
-        records the template the qube had, so that the rollback keeps the qube.
+        existing qube that lacks it, the qube is adopted. Every requested property
+        that follows its default is then set explicitly, and the feature
+        ``sysdns.adopted`` records the template the qube had, so that the rollback
+        keeps the qube.
 
     .. code-block:: yaml
 
@@ -399,8 +400,8 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
             __salt__["sysdns_qvm.shutdown"](name, force=True)
         for prop, change in sorted(pref_changes.items()):
             __salt__["sysdns_qvm.set_pref"](name, prop, change["new"])
-        # The adoption record goes before BUILT_FEATURE: once the latter is set, a
-        # later run no longer sees that the qube was adopted.
+        # The adoption record goes before BUILT_FEATURE, because a later run cannot
+        # tell that the qube was adopted once BUILT_FEATURE is set.
         for feature, change in sorted(feature_changes.items(), key=lambda item: item[0] != ADOPTED_FEATURE):
             __salt__["sysdns_qvm.set_feature"](name, feature, change["new"])
         if restart:

@@ -168,7 +168,7 @@ def test_takeover_of_original_design(fresh_lab):
     assert len(calls) <= 12, calls
 
     # The rollback restores sys-firewall's netvm and keeps the adopted sys-dns. The
-    # template clone stays because sys-dns still uses it, and the rollback says so.
+    # template clone stays because sys-dns still uses it, and the rollback reports that.
     taken_over = estate(lab)
     calls_before = len(lab.calls())
     _, predicted, output = apply_sls(lab, ROLLBACK, "test=True")
@@ -186,18 +186,18 @@ def test_takeover_of_original_design(fresh_lab):
     assert predicted[ROLLBACK_RESTORED]["result"] is None
     assert predicted[ROLLBACK_QUBE]["result"] is True
     assert predicted[ROLLBACK_TEMPLATE]["result"] is False
-    kept = rolled_back[ROLLBACK_QUBE]["comment"]
-    assert kept == predicted[ROLLBACK_QUBE]["comment"]
-    assert "kept because it existed before the build" in kept
-    assert original_design.TEMPLATE in kept
-    refused = rolled_back[ROLLBACK_TEMPLATE]["comment"]
-    assert refused == predicted[ROLLBACK_TEMPLATE]["comment"]
-    assert "still in use as template of sys-dns" in refused
+    kept_comment = rolled_back[ROLLBACK_QUBE]["comment"]
+    assert kept_comment == predicted[ROLLBACK_QUBE]["comment"]
+    assert "kept because it existed before the build" in kept_comment
+    assert original_design.TEMPLATE in kept_comment
+    rejected_comment = rolled_back[ROLLBACK_TEMPLATE]["comment"]
+    assert rejected_comment == predicted[ROLLBACK_TEMPLATE]["comment"]
+    assert "still in use as template of sys-dns" in rejected_comment
     assert lab.qvm("qvm-prefs", "sys-firewall", "netvm").stdout.strip() == "sys-net"
     assert lab.qvm("qvm-check", "sys-dns").returncode == 0
     assert lab.qvm("qvm-check", "tpl-sys-dns").returncode == 0
 
-    # Moved back to its template of before, sys-dns no longer holds the clone.
+    # Moved back to its template of before, sys-dns no longer uses the clone.
     lab.shutdown("sys-dns")
     lab.qvm("qvm-prefs", "sys-dns", "template", original_design.TEMPLATE, check=True)
     again = apply_ok(lab, ROLLBACK)

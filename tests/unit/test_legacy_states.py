@@ -424,13 +424,13 @@ def rollback(fake, test=False):
 def test_rollback_keeps_adopted_qube():
     fake = adopted_estate()
 
-    restored, kept, template = rollback(fake)
+    restored, sys_dns, template = rollback(fake)
 
     assert restored["result"] is True, restored["comment"]
     assert fake.qubes["sys-firewall"]["netvm"] == "sys-net"
-    assert kept["result"] is True
-    assert kept["changes"] == {}
-    assert kept["comment"] == (
+    assert sys_dns["result"] is True
+    assert sys_dns["changes"] == {}
+    assert sys_dns["comment"] == (
         "Qube sys-dns is kept because it existed before the build, which adopted it "
         "(feature sysdns.adopted; its template then: debian-12-hard-min)"
     )
