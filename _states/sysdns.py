@@ -320,7 +320,11 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
     prefs
         Properties, typed as Qubes stores them (bool, int, qube names).
     features
-        Features, as strings; None unsets one.
+        Features, as strings; None unsets one. When they set ``service.sysdns`` on an
+        existing qube that lacks it, the qube is adopted. Every requested property
+        that follows its default is then set explicitly, and the feature
+        ``sysdns.adopted`` records the template the qube had, so that the rollback
+        keeps the qube.
 
     .. code-block:: yaml
 
@@ -357,11 +361,16 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
             prefs = dict(prefs, template=template, label=label)
             have_features = __salt__["sysdns_qvm.features"](name)
 
+        # A qube that exists without the build's marker was made by hand: the build
+        # adopts it and records that, so that the rollback keeps it.
+        adopted = qube is not None and BUILT_FEATURE in features and BUILT_FEATURE not in have_features
+        if adopted:
+            features.setdefault(ADOPTED_FEATURE, qube.get("template") or "")
         if qube is None:
             pref_changes = {prop: {"old": None, "new": value} for prop, value in prefs.items()}
         else:
             pref_changes = _compare_prefs(name, qube, prefs)
-            if BUILT_FEATURE in features and BUILT_FEATURE not in have_features:
+            if adopted:
                 pref_changes.update(_pinned_defaults(name, prefs, pref_changes))
         if pref_changes and qube is not None:
             changes["prefs"] = pref_changes
@@ -397,7 +406,9 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
             __salt__["sysdns_qvm.shutdown"](name, force=True)
         for prop, change in sorted(pref_changes.items()):
             __salt__["sysdns_qvm.set_pref"](name, prop, change["new"])
-        for feature, change in feature_changes.items():
+        # The adoption record goes before BUILT_FEATURE, because a later run cannot
+        # tell that the qube was adopted once BUILT_FEATURE is set.
+        for feature, change in sorted(feature_changes.items(), key=lambda item: item[0] != ADOPTED_FEATURE):
             __salt__["sysdns_qvm.set_feature"](name, feature, change["new"])
         if restart:
             __salt__["sysdns_qvm.start"](name)
@@ -651,6 +662,10 @@ BUILT_FEATURE = "service.sysdns"
 # __context__ key: halted hand-made qubes that legacy_removed leaves to its instance
 # with after_start.
 LEGACY_DEFERRED = "sysdns.legacy_deferred"
+# Feature that qube_present sets on a qube it adopts: one that existed before the
+# build without BUILT_FEATURE, such as a sys-dns made by hand. Its value is the
+# template the qube had then. The rollback keeps a qube that carries it.
+ADOPTED_FEATURE = "sysdns.adopted"
 
 
 def parse_legacy_output(output, status):
@@ -874,8 +889,12 @@ def netvm(name, netvm):
 
 def _restore_plan(name, qubes):
     """
-    Return ``{qube: changes}`` for the qubes that carry the feature
+    Return ``(plan, missing)`` for the qubes that carry the feature
     ``sysdns.previous-netvm``, among ``qubes`` and every qube whose netvm is ``name``.
+
+    ``plan`` maps each qube the rollback can restore to its changes. ``missing`` maps
+    each qube that still uses ``name`` but whose recorded netvm no longer exists to
+    that name: such a qube is not in ``plan`` and keeps its netvm and its record.
     """
     candidates = list(qubes or [])
     for client, row in sorted(__salt__["sysdns_qvm.list_qubes"]().items()):
@@ -883,6 +902,7 @@ def _restore_plan(name, qubes):
             candidates.append(client)
 
     plan = {}
+    missing = {}
     for client in candidates:
         row = __salt__["sysdns_qvm.get_qube"](client)
         if row is None:
@@ -891,20 +911,28 @@ def _restore_plan(name, qubes):
         if recorded is None:
             continue
         previous = recorded or None
-        if previous not in (None, DEFAULT_NETVM) and __salt__["sysdns_qvm.get_qube"](previous) is None:
-            raise CommandExecutionError(
-                "qube {} was routed through {} from {}, which no longer exists: set its "
-                "netvm yourself (qvm-prefs {} netvm QUBE) and unset the record "
-                "(qvm-features --unset {} {})".format(client, name, previous, client, client, PREVIOUS_NETVM_FEATURE)
-            )
         changes = {}
         # A netvm changed by hand after the build is the user's choice and stays. The
         # build sets the netvm explicitly, so one at its default was reset by hand.
         if row.get("netvm") == name and not __salt__["sysdns_qvm.pref_is_default"](client, "netvm"):
+            if previous not in (None, DEFAULT_NETVM) and __salt__["sysdns_qvm.get_qube"](previous) is None:
+                missing[client] = previous
+                continue
             changes["netvm"] = {"old": name, "new": previous}
         changes["features"] = {PREVIOUS_NETVM_FEATURE: {"old": recorded, "new": None}}
         plan[client] = changes
-    return plan
+    return plan, missing
+
+
+def _describe_missing(name, missing):
+    return "; ".join(
+        "qube {client} still uses {name} because its previous netvm {previous}, recorded in "
+        "the feature {feature}, no longer exists: set its netvm by hand (qvm-prefs {client} "
+        "netvm QUBE, or qvm-prefs --default {client} netvm) and run the rollback again".format(
+            client=client, name=name, previous=previous, feature=PREVIOUS_NETVM_FEATURE
+        )
+        for client, previous in sorted(missing.items())
+    )
 
 
 def netvm_restored(name, qubes=None):
@@ -921,6 +949,12 @@ def netvm_restored(name, qubes=None):
     only loses the feature. A qube routed through ``name`` without the feature was
     wired by hand and is left alone.
 
+    A qube whose recorded netvm no longer exists keeps ``name`` as its netvm and keeps
+    the feature. The others are restored all the same, and the state then fails and
+    names each such qube: once its netvm is set by hand, a new run unsets the feature.
+    In the rollback SLS, ``name`` then stays: its ``absent`` state requires this one,
+    and ``absent`` also rejects a qube still in use.
+
     name
         The qube the build routed them through, e.g. ``sys-dns``.
     qubes
@@ -935,24 +969,30 @@ def netvm_restored(name, qubes=None):
     """
     ret = _ret(name, "No qube is routed through {} by the formula".format(name))
     try:
-        plan = _restore_plan(name, qubes)
-        if not plan:
+        plan, missing = _restore_plan(name, qubes)
+        if not plan and not missing:
             return ret
 
         ret["changes"] = plan
+        comments = []
         if __opts__["test"]:
             ret["result"] = None
-            ret["comment"] = "Previous netvm of {} would have been restored".format(", ".join(sorted(plan)))
-            return ret
-
-        for client, changes in sorted(plan.items()):
-            # The netvm goes first, so that a failure leaves the record in place.
-            if "netvm" in changes and changes["netvm"]["new"] == DEFAULT_NETVM:
-                __salt__["sysdns_qvm.reset_pref"](client, "netvm")
-            elif "netvm" in changes:
-                __salt__["sysdns_qvm.set_pref"](client, "netvm", changes["netvm"]["new"])
-            __salt__["sysdns_qvm.set_feature"](client, PREVIOUS_NETVM_FEATURE, None)
-        ret["comment"] = "Previous netvm of {} has been restored".format(", ".join(sorted(plan)))
+            if plan:
+                comments.append("Previous netvm of {} would have been restored".format(", ".join(sorted(plan))))
+        else:
+            for client, changes in sorted(plan.items()):
+                # The netvm goes first, so that a failure leaves the record in place.
+                if "netvm" in changes and changes["netvm"]["new"] == DEFAULT_NETVM:
+                    __salt__["sysdns_qvm.reset_pref"](client, "netvm")
+                elif "netvm" in changes:
+                    __salt__["sysdns_qvm.set_pref"](client, "netvm", changes["netvm"]["new"])
+                __salt__["sysdns_qvm.set_feature"](client, PREVIOUS_NETVM_FEATURE, None)
+            if plan:
+                comments.append("Previous netvm of {} has been restored".format(", ".join(sorted(plan))))
+        if missing:
+            ret["result"] = False
+            comments.append(_describe_missing(name, missing))
+        ret["comment"] = ". ".join(comments)
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["changes"] = {}
         return _fail(ret, str(exc))
@@ -966,24 +1006,58 @@ def _describe_uses(uses):
     return ", ".join(words)
 
 
+def _kept_reason(name, marker):
+    """Return why ``absent`` keeps the existing qube ``name``, or None when it removes it."""
+    features = __salt__["sysdns_qvm.features"](name)
+    if marker and features.get(marker) is None:
+        return "it lacks the feature {}, so the formula did not build it".format(marker)
+    if features.get(ADOPTED_FEATURE) is not None:
+        return "it existed before the build, which adopted it (feature {}; its template then: {})".format(
+            ADOPTED_FEATURE, features[ADOPTED_FEATURE] or "unknown"
+        )
+    return None
+
+
+def _predicted_uses(name, uses, removed_before):
+    """
+    Return the uses of ``name`` that remain, in a real run, after the states before
+    this one: the qubes of ``removed_before`` that their own state removes are gone,
+    and so is the netvm of each qube that ``netvm_restored`` restores.
+    """
+    removed = {
+        holder
+        for holder, marker in (removed_before or {}).items()
+        if __salt__["sysdns_qvm.get_qube"](holder) is not None and _kept_reason(holder, marker) is None
+    }
+    rewired = set()
+    if any(prop == "netvm" for _, prop in uses):
+        plan, _missing = _restore_plan(name, [])
+        rewired = {client for client, changes in plan.items() if "netvm" in changes}
+    return [
+        (holder, prop) for holder, prop in uses if holder not in removed and not (prop == "netvm" and holder in rewired)
+    ]
+
+
 def absent(name, marker=None, removed_before=None, timeout=120):
     """
     Ensure a qube the formula built is removed: shut down when it runs, then
     ``qvm-remove --force``.
 
-    A qube without the feature ``marker`` was not built by the formula and is kept.
-    A qube still in use (as template, netvm or default_dispvm of another qube, or in a
-    global property) is not removed. The state then fails and names those uses.
+    A qube without the feature ``marker`` was not built by the formula and is kept,
+    and so is a qube with the feature ``sysdns.adopted``, which existed before the
+    build. A qube still in use (as template, netvm or default_dispvm of another qube,
+    or in a global property) is not removed. The state then fails and names those uses.
 
     name
         Qube name.
     marker
-        Feature the formula set on the qube, e.g. ``sysdns.template``; None removes
-        the qube whatever its features.
+        Feature the formula set on the qube, e.g. ``sysdns.template``; None skips
+        this check.
     removed_before
-        Qubes that earlier states of the same run remove. A test run, which removes
-        nothing, ignores their uses of this qube, and also the netvm of qubes that
-        carry ``sysdns.previous-netvm`` (``netvm_restored`` rewires them first).
+        ``{qube: marker}`` of the qubes that earlier states of the same run remove,
+        with the marker each of them is given. A test run, which removes nothing,
+        ignores the uses of this qube by those that their state removes (not one it
+        keeps), and the netvm of qubes that ``netvm_restored`` restores first.
     timeout
         Seconds to wait for the shutdown.
 
@@ -993,32 +1067,22 @@ def absent(name, marker=None, removed_before=None, timeout=120):
           sysdns.absent:
             - name: tpl-sys-dns
             - marker: sysdns.template
-            - removed_before: [sys-dns]
+            - removed_before:
+                sys-dns: service.sysdns
     """
     ret = _ret(name, "Qube {} is absent".format(name))
     try:
         qube = __salt__["sysdns_qvm.get_qube"](name)
         if qube is None:
             return ret
-        if marker and __salt__["sysdns_qvm.features"](name).get(marker) is None:
-            ret["comment"] = "Qube {} is kept: it lacks the feature {}, so the formula did not build it".format(
-                name, marker
-            )
+        reason = _kept_reason(name, marker)
+        if reason:
+            ret["comment"] = "Qube {} is kept because {}".format(name, reason)
             return ret
 
         uses = __salt__["sysdns_qvm.dependents"](name)
         if __opts__["test"]:
-            skipped = set(removed_before or ())
-            uses = [
-                (holder, prop)
-                for holder, prop in uses
-                if holder not in skipped
-                and not (
-                    holder is not None
-                    and prop == "netvm"
-                    and PREVIOUS_NETVM_FEATURE in __salt__["sysdns_qvm.features"](holder)
-                )
-            ]
+            uses = _predicted_uses(name, uses, removed_before)
         if uses:
             return _fail(
                 ret,

@@ -4,7 +4,8 @@ the formula's qubes leave every qube's properties and features as they were,
 including whether a netvm follows the global default_netvm. A
 second rollback changes nothing, a test run of the rollback on a built estate
 changes nothing and predicts the real run, and a new build afterwards passes the
-tests SLS.
+tests SLS. A qube whose recorded netvm no longer exists keeps sys-dns, and sys-dns
+with it, until its netvm is set by hand.
 """
 
 import pytest
@@ -18,6 +19,11 @@ BUILD = "qubes.network.sys-dns"
 ROLLBACK = "qubes.network.sys-dns.rollback"
 TESTS = "qubes.tests.sys-dns"
 FORMULA_QUBES = ("sys-dns", "sys-dns-dvm", "tpl-sys-dns")
+RESTORED = "qubes.network.sys-dns.rollback - previous netvm of qubes routed through sys-dns"
+REMOVALS = (
+    "qubes.network.sys-dns.rollback - qube sys-dns absent",
+    "qubes.network.sys-dns.rollback - template tpl-sys-dns absent",
+)
 # Properties that change whenever a qube starts (qvm-prefs output).
 VOLATILE_PREFS = {"xid", "start_time", "stubdom_xid"}
 
@@ -98,17 +104,57 @@ def test_rollback_restores_estate(fresh_lab, klass, removed):
     assert all(ret["result"] is True for ret in tests.values()), tests
 
 
-def test_rollback_keeps_qubes_by_default(fresh_lab):
+def test_rollback_keeps_qubes_until_removable(fresh_lab):
     lab = fresh_lab()
     lab.write_pillar("sysdns", lab_pillar(lab))
     apply_ok(lab, BUILD)
 
     applied = apply_ok(lab, ROLLBACK)
 
-    assert list(changes_by_state(applied)) == [
-        "qubes.network.sys-dns.rollback - previous netvm of qubes routed through sys-dns"
-    ]
+    assert list(changes_by_state(applied)) == [RESTORED]
     assert lab.qvm("qvm-prefs", "sys-firewall", "netvm").stdout.strip() == "sys-net"
     assert lab.qvm("qvm-features", "sys-firewall", "sysdns.previous-netvm").returncode == 1
     assert lab.qvm("qvm-check", "sys-dns").returncode == 0
     assert lab.qvm("qvm-check", "tpl-sys-dns").returncode == 0
+
+    # The same lab, built again with personal rewired, then personal's recorded netvm
+    # names a qube that no longer exists.
+    lab.write_pillar("sysdns", lab_pillar(lab, rollback={"remove_qubes": True}, rewire=["sys-firewall", "personal"]))
+    apply_ok(lab, BUILD)
+    lab.qvm("qvm-features", "personal", "sysdns.previous-netvm", "sys-gone", check=True)
+    built = estate(lab)
+
+    calls_before = len(lab.calls())
+    _, predicted, output = apply_sls(lab, ROLLBACK, "test=True")
+    assert predicted is not None, output
+    assert mutating(dom0_calls(lab, calls_before)) == []
+    assert estate(lab) == built
+
+    code, applied, output = apply_sls(lab, ROLLBACK)
+    assert applied is not None, output
+    assert code != 0
+    failed = failed_states(applied)
+    assert set(failed) == set(REMOVALS) | {RESTORED}, failed
+    assert "qube personal still uses sys-dns because its previous netvm sys-gone" in failed[RESTORED]
+    assert "qvm-prefs personal netvm QUBE" in failed[RESTORED]
+    for state_id in REMOVALS:
+        assert "requisite failed" in failed[state_id], failed[state_id]
+    assert changes_by_state(applied) == changes_by_state(predicted)
+    assert set(failed_states(predicted)) == set(failed)
+    assert list(changes_by_state(applied)[RESTORED]) == ["sys-firewall"]
+    assert lab.qvm("qvm-prefs", "sys-firewall", "netvm").stdout.strip() == "sys-net"
+    assert lab.qvm("qvm-prefs", "personal", "netvm").stdout.strip() == "sys-dns"
+    assert lab.qvm("qvm-features", "personal", "sysdns.previous-netvm").stdout.strip() == "sys-gone"
+    assert lab.qvm("qvm-check", "sys-dns").returncode == 0
+    assert lab.qvm("qvm-check", "tpl-sys-dns").returncode == 0
+
+    # The fix the failure names: a netvm set by hand, then the rollback again.
+    lab.qvm("qvm-prefs", "personal", "netvm", "sys-firewall", check=True)
+    applied = apply_ok(lab, ROLLBACK)
+    assert set(changes_by_state(applied)) == set(REMOVALS) | {RESTORED}
+    assert changes_by_state(applied)[RESTORED] == {
+        "personal": {"features": {"sysdns.previous-netvm": {"old": "sys-gone", "new": None}}}
+    }
+    assert lab.qvm("qvm-prefs", "personal", "netvm").stdout.strip() == "sys-firewall"
+    assert lab.qvm("qvm-check", "sys-dns").returncode != 0
+    assert lab.qvm("qvm-check", "tpl-sys-dns").returncode != 0

@@ -5,9 +5,10 @@ One lab first records the estate of a fresh build, rolls it back, then applies t
 original design (tests/integration/original_design.py) and runs the build over it.
 The build must remove and report each artifact the original left, predict them under
 test=True without changing anything, and leave the estate of the fresh build: the
-same properties and features of every qube, the same files in sys-dns and the same
-nft tables, a passing tests SLS, no plaintext DNS leaving sys-dns, and a second run
-without changes.
+same properties and features of every qube (but the record of the takeover), the
+same files in sys-dns and the same nft tables, a passing tests SLS, no plaintext DNS
+leaving sys-dns, and a second run without changes. The rollback then keeps the
+adopted sys-dns, and the template clone while sys-dns still uses it.
 """
 
 import threading
@@ -30,6 +31,9 @@ ROLLBACK = "qubes.network.sys-dns.rollback"
 TESTS = "qubes.tests.sys-dns"
 LEGACY_STATE = "qubes.network.sys-dns - sys-dns free of the original design's artifacts"
 LEGACY_AFTER_START = "qubes.network.sys-dns - sys-dns free of the original design's artifacts once running"
+ROLLBACK_RESTORED = "qubes.network.sys-dns.rollback - previous netvm of qubes routed through sys-dns"
+ROLLBACK_QUBE = "qubes.network.sys-dns.rollback - qube sys-dns absent"
+ROLLBACK_TEMPLATE = "qubes.network.sys-dns.rollback - template tpl-sys-dns absent"
 
 EXPECTED_ARTIFACTS = {
     "/rw/config/nft-dnscrypt.sh",
@@ -139,9 +143,12 @@ def test_takeover_of_original_design(fresh_lab):
     assert lab.exec("sys-dns", "systemctl cat dnscrypt-nft.service").returncode != 0
     assert "127.0.0.1" not in lab.exec("sys-dns", "nft list chain ip qubes dnat-dns").stdout
 
-    # The estate equals the fresh build's: prefs, features, files and nft tables.
+    # The estate equals the fresh build's: prefs, features, files and nft tables,
+    # except for the record of the takeover, which names sys-dns's template before it.
     taken_over = without_identity(estate(lab))
     expected = without_identity(fresh)
+    assert lab.qvm("qvm-features", "sys-dns", "sysdns.adopted").stdout.strip() == original_design.TEMPLATE
+    taken_over["features:sys-dns"] = without_adoption(taken_over["features:sys-dns"])
     for key in sorted(set(taken_over) | set(expected)):
         assert taken_over.get(key) == expected.get(key), key
     assert sys_dns_files(lab) == fresh_files
@@ -165,6 +172,50 @@ def test_takeover_of_original_design(fresh_lab):
     calls = dom0_calls(lab, calls_before)
     assert mutating([argv for argv in calls if argv[0] != "qvm-run"]) == []
     assert len(calls) <= 12, calls
+
+    # The rollback restores sys-firewall's netvm and keeps the adopted sys-dns. The
+    # template clone stays because sys-dns still uses it, and the rollback reports that.
+    taken_over = estate(lab)
+    calls_before = len(lab.calls())
+    _, predicted, output = apply_sls(lab, ROLLBACK, "test=True")
+    assert predicted is not None, output
+    assert mutating(dom0_calls(lab, calls_before)) == []
+    assert estate(lab) == taken_over
+    code, rolled_back, output = apply_sls(lab, ROLLBACK)
+    assert rolled_back is not None, output
+    assert code != 0
+    assert changes_by_state(rolled_back) == changes_by_state(predicted)
+    assert list(changes_by_state(rolled_back)) == [ROLLBACK_RESTORED]
+    assert rolled_back[ROLLBACK_RESTORED]["result"] is True
+    assert rolled_back[ROLLBACK_QUBE]["result"] is True
+    assert rolled_back[ROLLBACK_TEMPLATE]["result"] is False
+    assert predicted[ROLLBACK_RESTORED]["result"] is None
+    assert predicted[ROLLBACK_QUBE]["result"] is True
+    assert predicted[ROLLBACK_TEMPLATE]["result"] is False
+    kept_comment = rolled_back[ROLLBACK_QUBE]["comment"]
+    assert kept_comment == predicted[ROLLBACK_QUBE]["comment"]
+    assert "kept because it existed before the build" in kept_comment
+    assert original_design.TEMPLATE in kept_comment
+    rejected_comment = rolled_back[ROLLBACK_TEMPLATE]["comment"]
+    assert rejected_comment == predicted[ROLLBACK_TEMPLATE]["comment"]
+    assert "still in use as template of sys-dns" in rejected_comment
+    assert lab.qvm("qvm-prefs", "sys-firewall", "netvm").stdout.strip() == "sys-net"
+    assert lab.qvm("qvm-check", "sys-dns").returncode == 0
+    assert lab.qvm("qvm-check", "tpl-sys-dns").returncode == 0
+
+    # Moved back to its template of before, sys-dns no longer uses the clone.
+    lab.shutdown("sys-dns")
+    lab.qvm("qvm-prefs", "sys-dns", "template", original_design.TEMPLATE, check=True)
+    again = apply_ok(lab, ROLLBACK)
+    assert list(changes_by_state(again)) == [ROLLBACK_TEMPLATE]
+    assert "kept because it existed before the build" in again[ROLLBACK_QUBE]["comment"]
+    assert lab.qvm("qvm-check", "tpl-sys-dns").returncode != 0
+    assert lab.qvm("qvm-check", "sys-dns").returncode == 0
+
+
+def without_adoption(features):
+    """Return ``qvm-features`` output without the line of the feature sysdns.adopted."""
+    return "".join(line for line in features.splitlines(keepends=True) if line.split()[:1] != ["sysdns.adopted"])
 
 
 # Rules a DNAT script may leave in Qubes' chain dnat-dns: two copies of the original

@@ -394,3 +394,134 @@ def test_qube_present_pinning_test_mode_predicts():
     assert ret["result"] is None
     assert ret["changes"] == adopt(real)["changes"]
     assert fake.changes == []
+
+
+ADOPTED = "sysdns.adopted"
+
+
+def test_qube_present_records_adoption():
+    fake = original_estate()
+    fake.qubes["tpl-sys-dns"] = qube("tpl-sys-dns", "TemplateVM")
+
+    ret = adopt(fake)
+
+    assert ret["changes"]["features"][ADOPTED] == {"old": None, "new": "debian-12-hard-min"}
+    assert fake.features_of["sys-dns"][ADOPTED] == "debian-12-hard-min"
+    # The record goes first: once service.sysdns is set, the adoption no longer shows.
+    features_set = [change[2] for change in fake.changes if change[0] == "set_feature"]
+    assert features_set == [ADOPTED, "service.sysdns"]
+
+
+def test_qube_present_adoption_second_run_noop():
+    fake = original_estate()
+    fake.qubes["tpl-sys-dns"] = qube("tpl-sys-dns", "TemplateVM")
+    adopt(fake)
+    fake.changes.clear()
+
+    ret = adopt(fake)
+
+    assert ret["changes"] == {}
+    assert fake.changes == []
+    assert fake.features_of["sys-dns"][ADOPTED] == "debian-12-hard-min"
+
+
+def test_qube_present_new_qube_not_adopted():
+    fake = original_estate()
+    fake.qubes["tpl-sys-dns"] = qube("tpl-sys-dns", "TemplateVM")
+    del fake.qubes["sys-dns"]
+
+    ret = adopt(fake)
+
+    assert ret["changes"]["qube"]["old"] is None
+    assert ADOPTED not in ret["changes"]["features"]
+    assert ADOPTED not in fake.features_of["sys-dns"]
+
+
+def adopted_estate():
+    """The estate after a build over the original design's sys-dns, with a template clone."""
+    fake = original_estate()
+    fake.qubes["debian-12-minimal"] = qube("debian-12-minimal", "TemplateVM")
+    module = states(fake)
+    results = [
+        module.template_present("tpl-sys-dns", "debian-12-minimal"),
+        module.template_configured("tpl-sys-dns", ["dnscrypt-proxy"], {"/etc/x": {"content": "x\n"}}),
+        module.legacy_removed("sys-dns"),
+        adopt(fake),
+        module.netvm("sys-firewall", "sys-dns"),
+    ]
+    assert all(ret["result"] is True for ret in results), results
+    assert fake.features_of["sys-dns"][ADOPTED] == "debian-12-hard-min"
+    fake.changes.clear()
+    return fake
+
+
+def rollback(fake, test=False):
+    """Apply the rollback SLS's states in order, with remove_qubes true."""
+    module = states(fake, test=test)
+    return [
+        module.netvm_restored("sys-dns", qubes=["sys-firewall"]),
+        module.absent("sys-dns", marker="service.sysdns"),
+        module.absent("tpl-sys-dns", marker="sysdns.template", removed_before={"sys-dns": "service.sysdns"}),
+    ]
+
+
+def test_rollback_keeps_adopted_qube():
+    fake = adopted_estate()
+
+    restored, sys_dns, template = rollback(fake)
+
+    assert restored["result"] is True, restored["comment"]
+    assert fake.qubes["sys-firewall"]["netvm"] == "sys-net"
+    assert sys_dns["result"] is True
+    assert sys_dns["changes"] == {}
+    assert sys_dns["comment"] == (
+        "Qube sys-dns is kept because it existed before the build, which adopted it "
+        "(feature sysdns.adopted; its template then: debian-12-hard-min)"
+    )
+    assert "sys-dns" in fake.qubes
+    # The kept sys-dns still uses the template clone, which therefore stays.
+    assert template["result"] is False
+    assert "tpl-sys-dns is not removed because it is still in use as template of sys-dns" in template["comment"]
+    assert "tpl-sys-dns" in fake.qubes
+    assert [change for change in fake.changes if change[0] in ("remove", "shutdown")] == []
+
+
+def test_rollback_adopted_test_mode_predicts():
+    fake = adopted_estate()
+    before = (copy.deepcopy(fake.qubes), copy.deepcopy(fake.features_of))
+
+    predicted = rollback(fake, test=True)
+
+    assert fake.changes == []
+    assert (fake.qubes, fake.features_of) == before
+    assert [ret["result"] for ret in predicted] == [None, True, False]
+    applied = rollback(fake)
+    assert [ret["result"] for ret in applied] == [True, True, False]
+    assert [ret["changes"] for ret in applied] == [ret["changes"] for ret in predicted]
+    assert [ret["comment"] for ret in applied[1:]] == [ret["comment"] for ret in predicted[1:]]
+
+
+def test_rollback_adopted_moved_back_removes_template():
+    # The fix for the template clone: move the kept sys-dns back to its template of
+    # then, and the next rollback removes the clone.
+    fake = adopted_estate()
+    rollback(fake)
+    fake.set_pref("sys-dns", "template", fake.features_of["sys-dns"][ADOPTED])
+
+    again = rollback(fake)
+
+    assert [ret["result"] for ret in again] == [True, True, True], again
+    assert "tpl-sys-dns" not in fake.qubes
+    assert "sys-dns" in fake.qubes
+
+
+def test_absent_removes_after_adoption_unset():
+    # Without the record the qube counts as the build's own again.
+    fake = adopted_estate()
+    rollback(fake)
+    fake.set_feature("sys-dns", ADOPTED, None)
+
+    ret = states(fake).absent("sys-dns", marker="service.sysdns")
+
+    assert ret["result"] is True, ret["comment"]
+    assert "sys-dns" not in fake.qubes

@@ -39,12 +39,12 @@ def rollback_sequence(module, qubes=("sys-firewall",), disposable=None, clone=Tr
     """Apply the rollback SLS's states in order, with remove_qubes true."""
     results = [module.netvm_restored("sys-dns", qubes=list(qubes))]
     results.append(module.absent("sys-dns", marker="service.sysdns"))
-    removed = ["sys-dns"]
+    removed = {"sys-dns": "service.sysdns"}
     if disposable:
-        results.append(module.absent(disposable, marker="sysdns.config", removed_before=list(removed)))
-        removed.append(disposable)
+        results.append(module.absent(disposable, marker="sysdns.config", removed_before=dict(removed)))
+        removed[disposable] = "sysdns.config"
     if clone:
-        results.append(module.absent("tpl-sys-dns", marker="sysdns.template", removed_before=list(removed)))
+        results.append(module.absent("tpl-sys-dns", marker="sysdns.template", removed_before=dict(removed)))
     return results
 
 
@@ -229,16 +229,116 @@ def test_netvm_restored_skips_missing_pillar_qube(built):
     assert set(ret["changes"]) == {"sys-firewall"}
 
 
-def test_netvm_restored_missing_previous_netvm(built):
+def missing_previous(built):
+    """Route personal through sys-dns too, then make sys-firewall's recorded netvm a removed qube."""
+    assert states(built).netvm("personal", "sys-dns")["result"] is True
     built.features_of["sys-firewall"][PREVIOUS] = "sys-net-old"
+    built.changes.clear()
+    return built
 
-    ret = states(built).netvm_restored("sys-dns", qubes=["sys-firewall"])
+
+def test_netvm_restored_missing_previous_netvm(built):
+    missing_previous(built)
+
+    ret = states(built).netvm_restored("sys-dns", qubes=["sys-firewall", "personal"])
+
+    assert ret["result"] is False
+    assert ret["changes"] == {
+        "personal": {
+            "netvm": {"old": "sys-dns", "new": "default"},
+            "features": {PREVIOUS: {"old": "default", "new": None}},
+        }
+    }
+    assert "Previous netvm of personal has been restored" in ret["comment"]
+    assert "qube sys-firewall still uses sys-dns" in ret["comment"]
+    assert "previous netvm sys-net-old" in ret["comment"]
+    assert "qvm-prefs sys-firewall netvm QUBE" in ret["comment"]
+    assert "run the rollback again" in ret["comment"]
+    assert built.qubes["personal"]["netvm"] == "sys-firewall"
+    assert built.qubes["sys-firewall"]["netvm"] == "sys-dns"
+    assert built.features_of["sys-firewall"][PREVIOUS] == "sys-net-old"
+    assert not any(change[1] == "sys-firewall" for change in built.changes)
+
+
+def test_netvm_restored_names_each_missing(built):
+    missing_previous(built)
+    built.features_of["personal"][PREVIOUS] = "sys-vpn-old"
+
+    ret = states(built).netvm_restored("sys-dns", qubes=["sys-firewall", "personal"])
 
     assert ret["result"] is False
     assert ret["changes"] == {}
-    assert "sys-net-old, which no longer exists" in ret["comment"]
-    assert "qvm-features --unset sys-firewall sysdns.previous-netvm" in ret["comment"]
+    assert "qube personal still uses sys-dns because its previous netvm sys-vpn-old" in ret["comment"]
+    assert "qube sys-firewall still uses sys-dns because its previous netvm sys-net-old" in ret["comment"]
     assert built.changes == []
+
+
+def test_netvm_restored_missing_test_mode(built):
+    missing_previous(built)
+    before = snapshot(built)
+
+    predicted = states(built, test=True).netvm_restored("sys-dns", qubes=["sys-firewall", "personal"])
+
+    assert predicted["result"] is False
+    assert "Previous netvm of personal would have been restored" in predicted["comment"]
+    assert "qube sys-firewall still uses sys-dns" in predicted["comment"]
+    assert built.changes == []
+    assert snapshot(built) == before
+    applied = states(built).netvm_restored("sys-dns", qubes=["sys-firewall", "personal"])
+    assert applied["result"] is False
+    assert applied["changes"] == predicted["changes"]
+
+
+def test_netvm_restored_missing_fixed_by_hand(built):
+    missing_previous(built)
+    states(built).netvm_restored("sys-dns", qubes=["sys-firewall", "personal"])
+    # The fix the failure names: the user picks a netvm, then runs the rollback again.
+    built.set_pref("sys-firewall", "netvm", "sys-net")
+    built.changes.clear()
+
+    ret = states(built).netvm_restored("sys-dns", qubes=["sys-firewall", "personal"])
+
+    assert ret["result"] is True, ret["comment"]
+    assert ret["changes"] == {"sys-firewall": {"features": {PREVIOUS: {"old": "sys-net-old", "new": None}}}}
+    assert built.changes == [("set_feature", "sys-firewall", PREVIOUS, None)]
+
+
+def test_absent_rejects_qube_of_unrestored_client(built):
+    missing_previous(built)
+    states(built).netvm_restored("sys-dns", qubes=["sys-firewall", "personal"])
+    built.changes.clear()
+
+    for test in (True, False):
+        ret = states(built, test=test).absent("sys-dns", marker="service.sysdns")
+
+        assert ret["result"] is False, test
+        assert "still in use as netvm of sys-firewall" in ret["comment"], test
+    assert built.changes == []
+    assert "sys-dns" in built.qubes
+
+
+def test_absent_test_mode_counts_unrestorable_client(built):
+    # netvm_restored leaves sys-firewall on sys-dns, so a test run must not ignore it.
+    missing_previous(built)
+
+    ret = states(built, test=True).absent("sys-dns", marker="service.sysdns")
+
+    assert ret["result"] is False
+    assert "still in use as netvm of sys-firewall" in ret["comment"]
+    assert "personal" not in ret["comment"]
+
+
+def test_rollback_missing_previous_keeps_qubes(built):
+    missing_previous(built)
+
+    results = rollback_sequence(states(built), qubes=("sys-firewall", "personal"))
+
+    assert [ret["result"] for ret in results] == [False, False, False], results
+    assert "still in use as netvm of sys-firewall" in results[1]["comment"]
+    assert "template of sys-dns" in results[2]["comment"]
+    assert "sys-dns" in built.qubes
+    assert "tpl-sys-dns" in built.qubes
+    assert built.qubes["sys-firewall"]["netvm"] == "sys-dns"
 
 
 def test_netvm_restored_test_mode(built):
@@ -302,7 +402,7 @@ def test_absent_rejects_template_of_user_qube(built):
     module.netvm_restored("sys-dns", qubes=["sys-firewall"])
     module.absent("sys-dns", marker="service.sysdns")
 
-    ret = module.absent("tpl-sys-dns", marker="sysdns.template", removed_before=["sys-dns"])
+    ret = module.absent("tpl-sys-dns", marker="sysdns.template", removed_before={"sys-dns": "service.sysdns"})
 
     assert ret["result"] is False
     assert "template of mine" in ret["comment"]
@@ -322,7 +422,9 @@ def test_absent_rejects_global_property(built):
 
 def test_absent_test_mode_ignores_earlier_removals(built):
     # In a test run nothing is removed, so sys-dns still uses the template.
-    ret = states(built, test=True).absent("tpl-sys-dns", marker="sysdns.template", removed_before=["sys-dns"])
+    ret = states(built, test=True).absent(
+        "tpl-sys-dns", marker="sysdns.template", removed_before={"sys-dns": "service.sysdns"}
+    )
 
     assert ret["result"] is None, ret["comment"]
     assert built.changes == []
@@ -331,7 +433,9 @@ def test_absent_test_mode_ignores_earlier_removals(built):
 def test_absent_test_mode_still_rejects_other_uses(built):
     built.qubes["mine"] = qube("mine", template="tpl-sys-dns")
 
-    ret = states(built, test=True).absent("tpl-sys-dns", marker="sysdns.template", removed_before=["sys-dns"])
+    ret = states(built, test=True).absent(
+        "tpl-sys-dns", marker="sysdns.template", removed_before={"sys-dns": "service.sysdns"}
+    )
 
     assert ret["result"] is False
     assert "template of mine" in ret["comment"]
@@ -563,7 +667,7 @@ def test_rollback_sls_disposable_class(salt_env):  # noqa: F811
 
     state = rendered["qubes.network.sys-dns.rollback - template tpl-sys-dns absent"]["sysdns"]
     arguments = {key: value for item in state if isinstance(item, dict) for key, value in item.items()}
-    assert arguments["removed_before"] == ["sys-dns", "sys-dns-dvm"]
+    assert arguments["removed_before"] == {"sys-dns": "service.sysdns", "sys-dns-dvm": "sysdns.config"}
     assert "qubes.network.sys-dns.rollback - disposable template sys-dns-dvm absent" in rendered
 
 

@@ -180,7 +180,11 @@ def test_qube_present_updates_prefs_and_features(fake):
     )
     assert ret["result"] is True
     assert ret["changes"]["prefs"] == {"autostart": {"old": None, "new": True}}
-    assert ret["changes"]["features"] == {"service.sysdns": {"old": None, "new": "1"}}
+    # An existing qube without service.sysdns is adopted, and the record names its template.
+    assert ret["changes"]["features"] == {
+        "service.sysdns": {"old": None, "new": "1"},
+        "sysdns.adopted": {"old": None, "new": "debian-12-minimal"},
+    }
 
 
 def test_qube_present_restarts_for_new_template(fake):

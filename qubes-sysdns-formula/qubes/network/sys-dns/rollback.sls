@@ -3,7 +3,8 @@
 # Undo qubes.network.sys-dns: every qube it routed through sys-dns gets its previous
 # netvm back. With the pillar sysdns:rollback:remove_qubes true, sys-dns, its
 # disposable template (class DispVM) and the template clone (template:clone true)
-# are removed too, each only if it carries the feature the build set on it.
+# are removed too, each only if it carries the feature the build set on it. A
+# sys-dns that existed before the build (feature sysdns.adopted) is kept.
 # Run it with the pillar the build used.
 # Review:  sudo qubesctl state.show_sls qubes.network.sys-dns.rollback
 # Apply:   sudo qubesctl --show-output state.sls qubes.network.sys-dns.rollback
@@ -26,7 +27,7 @@
     - marker: service.sysdns
     - require:
       - sysdns: "{{ restored }}"
-{%-   set removed = [qube] %}
+{%-   set removed = {qube: 'service.sysdns'} %}
 {%-   set last = "qubes.network.sys-dns.rollback - qube " ~ qube ~ " absent" %}
 {%-   if disposable %}
 
@@ -38,7 +39,7 @@
     - removed_before: {{ removed | json }}
     - require:
       - sysdns: "{{ last }}"
-{%-     do removed.append(sysdns.qube.disposable_template) %}
+{%-     do removed.update({sysdns.qube.disposable_template: 'sysdns.config'}) %}
 {%-     set last = "qubes.network.sys-dns.rollback - disposable template " ~ sysdns.qube.disposable_template ~ " absent" %}
 {%-   endif %}
 {%-   if sysdns.template.clone %}
