@@ -107,3 +107,20 @@ def test_disposable_class_renders(salt_env):
     assert result.returncode == 0, result.stderr + result.stdout
     states = json.loads(result.stdout)["local"]
     assert any("disposable template" in state for state in states)
+
+
+def _qube_prefs(states):
+    present = states["qubes.network.sys-dns - qube sys-dns present"]["sysdns"]
+    for argument in present:
+        if isinstance(argument, dict) and "prefs" in argument:
+            return argument["prefs"]
+    raise AssertionError(f"no prefs in {present}")
+
+
+@pytest.mark.parametrize("pillar, expected", [({}, 0), ({"qube": {"maxmem": 8000}}, 8000)])
+def test_maxmem_reaches_qube_prefs(salt_env, pillar, expected):
+    run, calls = salt_env
+    result = run("state.show_sls", "qubes.network.sys-dns", pillar=pillar)
+    assert result.returncode == 0, result.stderr + result.stdout
+    prefs = _qube_prefs(json.loads(result.stdout)["local"])
+    assert prefs["maxmem"] == expected

@@ -96,6 +96,9 @@
         provides_network: true
         autostart: {{ sysdns.qube.autostart }}
         memory: {{ sysdns.qube.memory }}
+        # 0 disables Qubes' memory balancing for the qube (property maxmem,
+        # qubes/vm/qubesvm.py in qubes-core-admin).
+        maxmem: {{ sysdns.qube.maxmem }}
         vcpus: {{ sysdns.qube.vcpus }}
     - features:
         # Units in the template start only in qubes with this Qubes service.
