@@ -95,6 +95,8 @@ def test_build_from_fresh_lab(fresh_lab, template):
     assert lab.qvm("qvm-prefs", "sys-dns", "provides_network").stdout.strip() == "True"
     assert lab.qvm("qvm-prefs", "sys-dns", "autostart").stdout.strip() == "True"
     assert lab.qvm("qvm-prefs", "sys-dns", "template").stdout.strip() == "tpl-sys-dns"
+    # The pillar's default maxmem, 0: no memory balancing.
+    assert lab.qvm("qvm-prefs", "sys-dns", "maxmem").stdout.strip() == "0"
     assert lab.qvm("qvm-prefs", "sys-whonix", "netvm").stdout.strip() == "sys-firewall"
 
     with lab.observe("sys-dns") as observer:
