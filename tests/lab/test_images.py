@@ -202,14 +202,18 @@ class BootedQube:
     def sh(self, script: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         return run(["nsenter", "-t", str(self.init_pid), "-a", "/bin/bash", "-c", script], check=check, timeout=timeout)
 
-    def wait_until_running(self, timeout: float = 60) -> str:
+    def wait_until_running(self, timeout: float = 120) -> str:
         """Wait for the boot to finish; return systemd's state ("running", "degraded"...)."""
         deadline = time.monotonic() + timeout
         while True:
             # Until PID 1 has created its private socket, systemctl cannot connect.
             result = self.sh(f"timeout {timeout} systemctl is-system-running --wait", check=False, timeout=timeout + 10)
-            if "Failed to connect" not in result.stderr or time.monotonic() > deadline:
+            if "Failed to connect" not in result.stderr:
                 return result.stdout.strip()
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"systemd in the container accepted no connection within {timeout} s: {result.stderr.strip()}"
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:
