@@ -171,7 +171,7 @@ class _StampReader:
 
     def take(self, count, what):
         if count > self.remaining():
-            raise _StampError(f"truncated: {what} needs {count} bytes, {self.remaining()} left")
+            raise _StampError(f"truncated: {what} takes {count} bytes but only {self.remaining()} are left")
         chunk = self.data[self.pos : self.pos + count]
         self.pos += count
         return chunk
@@ -749,6 +749,15 @@ def _parse_ip(text):
     return ipaddress.ip_address(text)
 
 
+def _non_unicast_problem(ip):
+    """Return why ``ip`` cannot be the address of one DNS server, or None."""
+    if ip.is_unspecified or ip.is_multicast:
+        return "it is not a unicast address"
+    if ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "it is the IPv4 broadcast address, not a unicast address"
+    return None
+
+
 def _socket_address(default_port):
     expected = (
         f"expected an IP address with an optional port (default {default_port}): "
@@ -780,8 +789,14 @@ def _socket_address(default_port):
             raise _Invalid(expected, "IPv4 addresses are written without brackets")
         if not 1 <= port <= 65535:
             raise _Invalid(expected, "the port is out of range")
-        if ip.is_unspecified or ip.is_multicast:
-            raise _Invalid(expected, "it is not a unicast address")
+        problem = _non_unicast_problem(ip)
+        if problem:
+            raise _Invalid(expected, problem)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            raise _Invalid(
+                expected,
+                f"it is an IPv4-mapped IPv6 address: write the IPv4 address {_format_socket(ip.ipv4_mapped, port)}",
+            )
         return _format_socket(ip, port)
 
     check.expected = expected
@@ -1408,6 +1423,16 @@ def _stamp_problem(decoded, kind, dnscrypt):
             _fill_stamp_endpoint(dict(decoded), require_ip=True)
         except _StampError as error:
             return str(error)
+    if decoded["ip"] is not None:
+        ip = ipaddress.ip_address(decoded["ip"])
+        if ip.is_loopback:
+            return (
+                f"its address {decoded['ip']} is a loopback address, so dnscrypt-proxy would "
+                "query sys-dns itself: use the stamp of a server on the network"
+            )
+        problem = _non_unicast_problem(ip)
+        if problem:
+            return f"its address {decoded['ip']}: {problem}; use the stamp of a unicast server"
     if decoded["bootstrap_ips"]:
         return "dnscrypt-proxy 2.1.8 rejects stamps with bootstrap IP addresses"
     if proto == "dnscrypt":

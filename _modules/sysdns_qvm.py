@@ -9,6 +9,7 @@ qube, cached in ``__context__`` until this module changes something.
 
 import base64
 import io
+import ipaddress
 import json
 import logging
 import tarfile
@@ -40,7 +41,13 @@ QUBE_FIELDS = (
     "template_for_dispvms",
     "default_dispvm",
     "ip",
+    "visible_ip",
+    "ip6",
+    "visible_ip6",
 )
+# Address properties of a qube that a forwarding rule must not name: a rule that
+# forwards to sys-dns itself reaches its own dnscrypt-proxy, which forwards again.
+ADDRESS_FIELDS = ("ip", "visible_ip", "ip6", "visible_ip6")
 BOOL_FIELDS = frozenset({"provides_network", "autostart", "template_for_dispvms"})
 INT_FIELDS = frozenset({"memory", "maxmem", "vcpus", "qrexec_timeout", "shutdown_timeout"})
 
@@ -544,3 +551,108 @@ def remove(name):
     _call(["qvm-remove", "--force", name], timeout=600)
     log.info("sysdns_qvm: removed %s", name)
     _forget()
+
+
+def _with_article(klass):
+    return ("an " if klass[:1] in "AEIOU" else "a ") + klass
+
+
+def _rewire_problems(qubes, rewire):
+    return [
+        "sysdns:rewire:{}: qube {} not found: create it, or remove it from sysdns:rewire".format(index, name)
+        for index, name in enumerate(rewire)
+        if name not in qubes
+    ]
+
+
+def _class_problems(qubes, qube, klass, disposable_template):
+    problems = []
+    wanted = [("sysdns:qube:name", qube, klass)]
+    if disposable_template:
+        wanted.append(("sysdns:qube:disposable_template", disposable_template, "AppVM"))
+    for key, name, expected in wanted:
+        row = qubes.get(name)
+        if row is None or row["class"] == expected:
+            continue
+        problems.append(
+            "{}: qube {} exists as {} but the build needs {}, and Qubes cannot change a "
+            "qube's class. Choose another name in {}, or remove the qube first: if the "
+            "formula built it, apply qubes.network.sys-dns.rollback with the pillar that "
+            "built it and sysdns:rollback:remove_qubes: true, which rewires its clients "
+            "before it removes the qube; otherwise give its clients another netvm and "
+            "run qvm-remove {}".format(key, name, _with_article(row["class"]), _with_article(expected), key, name)
+        )
+    return problems
+
+
+def _own_addresses(row):
+    """Return ``{address: property}`` for the IP addresses qvm-ls reports for a qube."""
+    addresses = {}
+    for field in ADDRESS_FIELDS:
+        value = row.get(field)
+        if not value:
+            continue
+        try:
+            addresses.setdefault(ipaddress.ip_address(value), field)
+        except ValueError:
+            log.warning("sysdns_qvm: qvm-ls printed %r as %s of %s, not an IP address", value, field, row["name"])
+    return addresses
+
+
+def _loop_problems(qubes, qube, forwarding_rules):
+    row = qubes.get(qube)
+    if row is None:
+        return []
+    own = _own_addresses(row)
+    problems = []
+    for index, rule in enumerate(forwarding_rules):
+        for position, server in enumerate(rule["servers"]):
+            host = server.rsplit(":", 1)[0].strip("[]")
+            field = own.get(ipaddress.ip_address(host))
+            if field is None:
+                continue
+            problems.append(
+                "sysdns:dnscrypt:forwarding_rules:{}:servers:{}: {} is the address of {} itself "
+                "(its {} {}), so dnscrypt-proxy would forward the zone {} to itself in a loop: "
+                "use the address of another DNS server".format(
+                    index, position, server, qube, field, row[field], rule["zone"]
+                )
+            )
+    return problems
+
+
+def find_preflight_problems(qubes, qube, klass, rewire=(), forwarding_rules=(), disposable_template=None):
+    """
+    Return what stops the build on this machine, as messages that name the pillar key
+    path, the value and the fix: an empty list when the build can run.
+
+    qubes
+        The listing of list_qubes.
+    qube, klass
+        Name and class of sys-dns (sysdns:qube:name and sysdns:qube:class).
+    rewire
+        Qubes to route through sys-dns, which must exist.
+    forwarding_rules
+        Validated rules of sysdns:dnscrypt:forwarding_rules, servers as "IP:port".
+    disposable_template
+        Name of the disposable template when sys-dns is a DispVM, which must be an AppVM.
+    """
+    return (
+        _rewire_problems(qubes, rewire)
+        + _class_problems(qubes, qube, klass, disposable_template)
+        + _loop_problems(qubes, qube, forwarding_rules)
+    )
+
+
+def preflight_problems(qube, klass, rewire=(), forwarding_rules=(), disposable_template=None):
+    """
+    Check pillar values against the qubes of this machine and return what stops the
+    build, with one qvm-ls call whose listing later reads of this run reuse. Changes nothing.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call sysdns_qvm.preflight_problems sys-dns AppVM rewire='[sys-firewall]'
+    """
+    return find_preflight_problems(list_qubes(), qube, klass, rewire, forwarding_rules, disposable_template)

@@ -64,6 +64,10 @@ def _fail(ret, comment):
     return ret
 
 
+def _with_article(noun):
+    return ("an " if noun[:1] in "AEIOU" else "a ") + noun
+
+
 def _sha256(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -85,6 +89,37 @@ def _resolve_files(files):
             mode = "{:04o}".format(mode)
         resolved[path] = {"content": content, "mode": mode}
     return resolved
+
+
+def preflight(name, klass, rewire=None, forwarding_rules=None, disposable_template=None):
+    """
+    Check the pillar against the qubes of this machine before any other state runs,
+    and change nothing. The SLS renders without calling a qvm-* tool (state.show_sls
+    must not), so these checks run as the build's first state, with ``failhard: True``
+    so that a failure stops every later state. Runs in full under ``test=True``.
+
+    name
+        Name of sys-dns (``sysdns:qube:name``).
+    klass
+        Its class (``sysdns:qube:class``): an existing qube of another class fails.
+    rewire
+        Qubes to route through sys-dns: each must exist.
+    forwarding_rules
+        Validated ``sysdns:dnscrypt:forwarding_rules``: no server may be an address of
+        the existing sys-dns.
+    disposable_template
+        Disposable template of a DispVM sys-dns: an existing one must be an AppVM.
+    """
+    ret = _ret(name, "The pillar fits the qubes of this machine")
+    try:
+        problems = __salt__["sysdns_qvm.preflight_problems"](
+            name, klass, list(rewire or []), list(forwarding_rules or []), disposable_template
+        )
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        return _fail(ret, "the pillar could not be checked against the qubes: {}".format(exc))
+    if problems:
+        return _fail(ret, "the build was stopped before any change:\n" + "\n".join(problems))
+    return ret
 
 
 def template_present(name, source, clone=True):
@@ -354,9 +389,9 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
             if qube["class"] != klass:
                 return _fail(
                     ret,
-                    "qube {} is a {} but the pillar asks for a {}: Qubes cannot change a "
-                    "qube's class, so remove it (qvm-remove {}) or choose another name in "
-                    "sysdns:qube:name".format(name, qube["class"], klass, name),
+                    "qube {} exists as {} but the state requests {}, and Qubes cannot "
+                    "change a qube's class: choose another name, or remove the qube once "
+                    "no other qube uses it".format(name, _with_article(qube["class"]), _with_article(klass)),
                 )
             prefs = dict(prefs, template=template, label=label)
             have_features = __salt__["sysdns_qvm.features"](name)

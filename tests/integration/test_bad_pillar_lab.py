@@ -6,8 +6,13 @@ the key path and the expected form. The estate is the same before and after: eve
 qube's properties and features, and the files of the template and of sys-dns's
 configuration. calls.log shows no dom0 call that could change anything.
 
+Pillars valid in form but wrong for this machine (a missing qube in rewire, an
+existing sys-dns of another class, a forwarding rule to sys-dns's own address) pass
+the render and stop at the build's first state, sysdns.preflight, with the same
+guarantees: no later state runs and nothing changes.
+
 The tests run in file order: a fresh lab first (no build yet), then a good build,
-then the dozen against the built estate.
+then the dozen and the preflight cases against the built estate.
 """
 
 import hashlib
@@ -42,6 +47,31 @@ DOZEN = {
     "oversized-list": ("sysdns:rewire", "a list of 65 entries is invalid"),
     "truncated-stamp": ("sysdns:dnscrypt:resolvers:0:stamp", "truncated"),
     "conflicting-options": ("sysdns:template:name", "when clone is false"),
+}
+
+PREFLIGHT = "qubes.network.sys-dns - pillar fits the qubes of this machine"
+
+# Preflight cases: the pillar overrides, given the lab, and the fragment the
+# preflight state's comment must contain.
+PREFLIGHT_CASES = {
+    "missing-rewire-qube": (
+        lambda lab: {"rewire": ["sys-firewall", "nosuchqube"]},
+        "sysdns:rewire:1: qube nosuchqube not found: create it, or remove it from sysdns:rewire",
+    ),
+    "other-class": (
+        lambda lab: {"qube": {"class": "DispVM"}},
+        "sysdns:qube:name: qube sys-dns exists as an AppVM but the build needs a DispVM",
+    ),
+    "forward-to-itself": (
+        lambda lab: {
+            "dnscrypt": {
+                "forwarding_rules": [
+                    {"zone": "corp.lab.test", "servers": [lab.qvm("qvm-prefs", "sys-dns", "ip").stdout.strip()]}
+                ]
+            }
+        },
+        "sysdns:dnscrypt:forwarding_rules:0:servers:0: ",
+    ),
 }
 
 # dom0 tools that change the estate whatever their arguments.
@@ -142,6 +172,28 @@ def assert_rejected_unchanged(lab, name):
     assert full_estate(lab) == before
 
 
+def assert_preflight_unchanged(lab, name):
+    """Apply the preflight case ``name`` and check it stops at the first state and changes nothing."""
+    overrides, text = PREFLIGHT_CASES[name]
+    pillar = lab_pillar(lab, **overrides(lab))
+    lab.write_pillar("sysdns", pillar)
+    before = full_estate(lab)
+    calls_before = len(lab.calls())
+
+    code, states, output = apply_sls(lab, BUILD)
+
+    assert code != 0, output
+    assert states is not None, output
+    # failhard: the run stops after the failed preflight state.
+    assert list(states) == [PREFLIGHT], states
+    assert states[PREFLIGHT]["result"] is False
+    assert text in states[PREFLIGHT]["comment"]
+    calls = [call["argv"] for call in lab.calls(calls_before) if call["argv"][0] != "qubesctl"]
+    assert write_calls(calls) == []
+    assert [argv[0] for argv in calls].count("qvm-ls") == 1, calls
+    assert full_estate(lab) == before
+
+
 @pytest.fixture(scope="module")
 def bad_pillar_lab():
     """A lab shared by this module and torn down at its end; built_estate builds sys-dns in it."""
@@ -173,9 +225,20 @@ def test_fresh_lab_rejects_bad_pillar(bad_pillar_lab):
     assert_rejected_unchanged(bad_pillar_lab, "shell-metacharacter")
 
 
+def test_fresh_lab_preflight_rejects_missing_qube(bad_pillar_lab):
+    # The tester's case: on a fresh lab this pillar cloned the template, created and
+    # started sys-dns and rewired sys-firewall before it failed.
+    assert_preflight_unchanged(bad_pillar_lab, "missing-rewire-qube")
+
+
 @pytest.mark.parametrize("name", sorted(DOZEN))
 def test_bad_pillar_rejected_unchanged(built_estate, name):
     assert_rejected_unchanged(built_estate, name)
+
+
+@pytest.mark.parametrize("name", sorted(PREFLIGHT_CASES))
+def test_preflight_rejects_unchanged(built_estate, name):
+    assert_preflight_unchanged(built_estate, name)
 
 
 def test_corpus_lookup_names_missing_entry():

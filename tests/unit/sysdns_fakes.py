@@ -87,6 +87,11 @@ class FakeQubes:
     def list_qubes(self, refresh=False):
         return copy.deepcopy(self.qubes)
 
+    def preflight_problems(self, qube, klass, rewire=(), forwarding_rules=(), disposable_template=None):
+        return qvm_module.find_preflight_problems(
+            self.list_qubes(), qube, klass, rewire, forwarding_rules, disposable_template
+        )
+
     def get_qube(self, name, refresh=False):
         return copy.deepcopy(self.qubes.get(name))
 
@@ -268,6 +273,7 @@ class FakeQubes:
             "set_json_feature create clone start shutdown restart pack_files run dependents remove default_prefs"
         ).split()
         functions = {"sysdns_qvm." + name: getattr(self, name) for name in names}
+        functions["sysdns_qvm.preflight_problems"] = self.preflight_problems
         functions["sysdns_config.render_apt_sources"] = config_module.render_apt_sources
         functions["cp.get_file_str"] = self.salt_files.get
         return functions

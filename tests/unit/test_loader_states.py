@@ -329,7 +329,7 @@ def test_qube_present_rejects_other_class(sysdns, lab):
     ret = sysdns.qube_present(name="debian-12-xfce", template="debian-12-xfce", label="orange")
 
     assert ret.result is False
-    assert "is a TemplateVM but the pillar asks for a AppVM" in ret.comment
+    assert "exists as a TemplateVM but the state requests an AppVM" in ret.comment
     assert lab.write_calls() == []
 
 
@@ -494,3 +494,53 @@ def test_build_sls_test_mode_changes_nothing(loaders, lab):
     states = {result.id: result for result in results}
     assert states["qubes.network.sys-dns - template tpl-sys-dns present"].result is None
     assert all(result.result in (True, None) for result in results)
+
+
+def test_build_sls_preflight_stops_run(loaders, lab):
+    # The pillar is valid in form but wrong for this estate in each of the three
+    # ways the preflight state checks. failhard stops a real run after it, and
+    # under test=True, where Salt ignores failhard, every other state fails on its
+    # requisite without running.
+    address = loaders.modules.sysdns_qvm.get_qube("default-dvm")["ip"]
+    loaders.reset_state()
+    pillar = {
+        "sysdns": {
+            "qube": {"name": "default-dvm", "class": "DispVM"},
+            "rewire": ["sys-firewall", "nosuchqube"],
+            "dnscrypt": {"forwarding_rules": [{"zone": "corp.example", "servers": [address]}]},
+        }
+    }
+
+    for test in (True, False):
+        results = loaders.modules.state.sls("qubes.network.sys-dns", test=test, pillar=pillar)
+
+        states = {result.id: result for result in results}
+        preflight = states.pop("qubes.network.sys-dns - pillar fits the qubes of this machine")
+        comment = preflight.comment
+        assert preflight.result is False
+        if test:
+            assert states, "the test run reported no other state"
+            assert all(state.comment.startswith("One or more requisite failed") for state in states.values()), states
+            assert all(state.result is False and not state.changes for state in states.values()), states
+        else:
+            assert states == {}
+        assert "sysdns:rewire:1: qube nosuchqube not found" in comment
+        assert "sysdns:qube:name: qube default-dvm exists as an AppVM but the build needs a DispVM" in comment
+        assert (
+            "sysdns:dnscrypt:forwarding_rules:0:servers:0: {}:53 is the address of default-dvm".format(address)
+            in comment
+        )
+        assert lab.write_calls() == []
+    qvm_ls_calls = [argv for argv in lab.calls() if argv[0] == "qvm-ls"]
+    assert len(qvm_ls_calls) == 3, qvm_ls_calls
+
+
+def test_build_sls_preflight_passes_good_pillar(loaders, lab):
+    results = loaders.modules.state.sls("qubes.network.sys-dns", test=True)
+
+    states = {result.id: result for result in results}
+    preflight = states["qubes.network.sys-dns - pillar fits the qubes of this machine"]
+    assert preflight.result is True, preflight.comment
+    assert len(states) > 1
+    # The preflight's qvm-ls listing is the one the later states read.
+    assert len([argv for argv in lab.calls() if argv[0] == "qvm-ls"]) == 1

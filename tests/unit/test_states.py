@@ -170,6 +170,123 @@ def test_qube_present_rejects_other_class(fake):
     assert fake.changes == []
 
 
+def test_qube_present_class_message_grammar(fake):
+    ret = states(fake).qube_present("sys-firewall", "debian-12-minimal", "green", klass="DispVM")
+
+    assert "qube sys-firewall exists as an AppVM but the state requests a DispVM" in ret["comment"]
+    assert "a AppVM" not in ret["comment"]
+
+
+SYS_DNS = qube(
+    "sys-dns",
+    "AppVM",
+    "Running",
+    netvm="sys-net",
+    provides_network=True,
+    ip="10.137.0.16",
+    visible_ip="10.137.0.16",
+    ip6="fd09:24ef:4179::a89:10",
+)
+
+
+def rule(*servers, zone="corp.example"):
+    return {"zone": zone, "servers": list(servers)}
+
+
+@pytest.fixture
+def built():
+    return FakeQubes(BASE_QUBES + [SYS_DNS], defaults=BASE_DEFAULTS)
+
+
+@pytest.mark.parametrize("test", [False, True])
+def test_preflight_passes_good_pillar(built, test):
+    ret = states(built, test=test).preflight(
+        "sys-dns",
+        "AppVM",
+        rewire=["sys-firewall"],
+        forwarding_rules=[rule("10.139.1.1:53", "10.139.1.2:53", "[2001:db8::53]:53")],
+    )
+
+    assert ret["result"] is True, ret["comment"]
+    assert ret["changes"] == {}
+    assert built.changes == []
+
+
+@pytest.mark.parametrize("test", [False, True])
+def test_preflight_rejects_missing_rewire_qube(fake, test):
+    ret = states(fake, test=test).preflight("sys-dns", "AppVM", rewire=["sys-firewall", "nosuchqube"])
+
+    assert ret["result"] is False
+    assert "sysdns:rewire:1: qube nosuchqube not found: create it, or remove it from sysdns:rewire" in ret["comment"]
+    assert "sys-firewall" not in ret["comment"]
+    assert fake.changes == []
+
+
+@pytest.mark.parametrize("test", [False, True])
+def test_preflight_rejects_other_class(built, test):
+    ret = states(built, test=test).preflight("sys-dns", "DispVM", disposable_template="sys-dns-dvm")
+
+    assert ret["result"] is False
+    assert "sysdns:qube:name: qube sys-dns exists as an AppVM but the build needs a DispVM" in ret["comment"]
+    assert "sysdns:rollback:remove_qubes: true" in ret["comment"]
+    assert "a AppVM" not in ret["comment"]
+    assert built.changes == []
+
+
+def test_preflight_rejects_disposable_template_class(fake):
+    ret = states(fake).preflight("sys-dns", "DispVM", disposable_template="debian-12-minimal")
+
+    assert ret["result"] is False
+    assert (
+        "sysdns:qube:disposable_template: qube debian-12-minimal exists as a TemplateVM but the build needs an AppVM"
+        in ret["comment"]
+    )
+
+
+def test_preflight_accepts_missing_sys_dns(fake):
+    # A first build: no class to compare and no address of sys-dns to forward to.
+    ret = states(fake).preflight("sys-dns", "DispVM", forwarding_rules=[rule("10.137.0.16:53")])
+
+    assert ret["result"] is True, ret["comment"]
+
+
+@pytest.mark.parametrize(
+    ("server", "field"),
+    [
+        ("10.137.0.16:53", "ip 10.137.0.16"),
+        ("10.137.0.16:5353", "ip 10.137.0.16"),
+        ("[fd09:24ef:4179::a89:10]:53", "ip6 fd09:24ef:4179::a89:10"),
+    ],
+)
+def test_preflight_rejects_forwarding_to_itself(built, server, field):
+    ret = states(built).preflight(
+        "sys-dns", "AppVM", forwarding_rules=[rule("192.0.2.53:53"), rule("192.0.2.54:53", server, zone="lab.example")]
+    )
+
+    assert ret["result"] is False
+    assert (
+        f"sysdns:dnscrypt:forwarding_rules:1:servers:1: {server} is the address of sys-dns itself (its {field})"
+        in ret["comment"]
+    )
+    assert "use the address of another DNS server" in ret["comment"]
+    assert "forwarding_rules:0" not in ret["comment"]
+
+
+def test_preflight_rejects_visible_ip(fake):
+    fake.qubes["sys-dns"] = dict(SYS_DNS, ip="10.137.0.16", visible_ip="10.137.0.99")
+
+    ret = states(fake).preflight("sys-dns", "AppVM", forwarding_rules=[rule("10.137.0.99:53")])
+
+    assert ret["result"] is False
+    assert "(its visible_ip 10.137.0.99)" in ret["comment"]
+
+
+def test_preflight_reports_every_problem(built):
+    ret = states(built).preflight("sys-dns", "DispVM", rewire=["nosuchqube"], forwarding_rules=[rule("10.137.0.16:53")])
+
+    assert ret["comment"].count("\nsysdns:") == 3, ret["comment"]
+
+
 def test_qube_present_updates_prefs_and_features(fake):
     ret = states(fake).qube_present(
         "sys-firewall",

@@ -36,11 +36,30 @@
 {%-   set config_qube = qube %}
 {%- endif %}
 
+# Checks the pillar against the qubes of this machine (existing rewire targets, the
+# class of an existing sys-dns, no forwarding rule to sys-dns's own address) and
+# changes nothing. They cannot run while the SLS renders, because state.show_sls calls
+# no qvm-* tool. order: 1 runs it first, and failhard: True stops the run after it
+# fails. Salt ignores failhard under test=True (State.check_failhard, Salt 3006 and
+# 3007), so the template state also requires it, and every later state requires that
+# one, directly or through another state: a test run reports them failed and unrun.
+"qubes.network.sys-dns - pillar fits the qubes of this machine":
+  sysdns.preflight:
+    - name: {{ qube }}
+    - klass: {{ sysdns.qube['class'] }}
+    - rewire: {{ sysdns.rewire | json }}
+    - forwarding_rules: {{ sysdns.dnscrypt.forwarding_rules | json }}
+    - disposable_template: {{ (config_qube if sysdns.qube['class'] == 'DispVM' else none) | json }}
+    - order: 1
+    - failhard: True
+
 "qubes.network.sys-dns - template {{ template }} present":
   sysdns.template_present:
     - name: {{ template }}
     - source: {{ sysdns.template.source }}
     - clone: {{ sysdns.template.clone }}
+    - require:
+      - sysdns: "qubes.network.sys-dns - pillar fits the qubes of this machine"
 
 "qubes.network.sys-dns - packages and units in {{ template }}":
   sysdns.template_configured:

@@ -306,6 +306,51 @@ BAD_INPUT = [
         "would loop",
     ),
     (
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["255.255.255.255"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:servers:0",
+        "it is the IPv4 broadcast address, not a unicast address",
+    ),
+    (
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["::ffff:192.0.2.1"]}]),
+        "sysdns:dnscrypt:forwarding_rules:0:servers:0",
+        "write the IPv4 address 192.0.2.1:53",
+    ),
+    (
+        dnscrypt(sources={"allow_plaintext_bootstrap": ["255.255.255.255"]}),
+        "sysdns:dnscrypt:sources:allow_plaintext_bootstrap:0",
+        "broadcast address",
+    ),
+    (
+        dnscrypt(resolvers=resolvers(dnscrypt_stamp(address="127.0.0.1:443"))),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "its address 127.0.0.1 is a loopback address",
+    ),
+    (
+        dnscrypt(resolvers=resolvers(doh_stamp(address="[::1]:443"))),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "its address ::1 is a loopback address",
+    ),
+    (
+        dnscrypt(resolvers=resolvers(dnscrypt_stamp(address="224.0.0.1:443"))),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "its address 224.0.0.1: it is not a unicast address",
+    ),
+    (
+        dnscrypt(resolvers=resolvers(dnscrypt_stamp(address="0.0.0.0:443"))),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "its address 0.0.0.0: it is not a unicast address",
+    ),
+    (
+        dnscrypt(resolvers=resolvers(dnscrypt_stamp(address="255.255.255.255:443"))),
+        "sysdns:dnscrypt:resolvers:0:stamp",
+        "its address 255.255.255.255: it is the IPv4 broadcast address",
+    ),
+    (
+        dnscrypt(relays=[{"name": "relay0", "stamp": config.encode_stamp("dnscrypt-relay", address="127.0.0.1:443")}]),
+        "sysdns:dnscrypt:relays:0:stamp",
+        "is a loopback address",
+    ),
+    (
         dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": []}]),
         "sysdns:dnscrypt:forwarding_rules:0:servers",
         "a list of 0 entries",
@@ -580,6 +625,22 @@ def test_values_normalized():
     rule = cfg["dnscrypt"]["forwarding_rules"][0]
     assert rule == {"zone": "corp.example", "servers": ["[2001:db8::53]:53", "192.0.2.53:5353"]}
     assert cfg["dnscrypt"]["cloaking_rules"][0] == {"name": "printer.corp.example", "address": "2001:db8::80"}
+
+
+def test_qubes_resolvers_accepted_as_forwarders():
+    # Forwarding an internal zone to the Qubes network's own resolvers is a real use.
+    cfg = config.validate(
+        dnscrypt(forwarding_rules=[{"zone": "corp.example", "servers": ["10.139.1.1", "10.139.1.2"]}])
+    )
+
+    assert cfg["dnscrypt"]["forwarding_rules"][0]["servers"] == ["10.139.1.1:53", "10.139.1.2:53"]
+
+
+def test_truncated_stamp_message_reads():
+    errors = validation_errors(dnscrypt(resolvers=resolvers(CLOUDFLARE[:-8])))
+
+    assert len(errors) == 1
+    assert "(truncated: the path takes 10 bytes but only 4 are left)" in errors[0]
 
 
 def test_sources_allow_names_from_lists():
