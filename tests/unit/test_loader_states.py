@@ -264,7 +264,7 @@ def test_template_present_branches(sysdns, lab):
 
     wrong = sysdns.template_present(name="personal", source="debian-12-hard-min")
     assert wrong.result is False
-    assert "is a AppVM, not a TemplateVM" in wrong.comment
+    assert "exists but its class is AppVM, not TemplateVM" in wrong.comment
 
     missing = sysdns.template_present(name="tpl-other", source="no-such-template")
     assert missing.result is False
@@ -329,7 +329,7 @@ def test_qube_present_rejects_other_class(sysdns, lab):
     ret = sysdns.qube_present(name="debian-12-xfce", template="debian-12-xfce", label="orange")
 
     assert ret.result is False
-    assert "is a TemplateVM but the pillar asks for a AppVM" in ret.comment
+    assert "has class TemplateVM but the pillar asks for class AppVM" in ret.comment
     assert lab.write_calls() == []
 
 
