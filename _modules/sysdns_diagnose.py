@@ -452,13 +452,14 @@ def classify_listening(report, service_ok, qube):
     )
 
 
-def redirect_fix(qube, drift):
+def redirect_fix(qube, drift, guard_loaded=True):
     """
     Return the fix for a missing or broken redirect. apply-firewall loads
     /rw/config/sysdns/sysdns.nft as it is, so when that file differs from the pillar
-    (``drift`` lists names) only the build, which rewrites the file, repairs it.
+    (``drift`` lists names) only the build, which rewrites the file, repairs it. It
+    does not load the guard table inet sysdns_guard either, which the build restores.
     """
-    if drift:
+    if drift or not guard_loaded:
         return (
             f"re-run the build, which restores /rw/config/sysdns from the pillar and reloads the tables: "
             f"{BUILD_COMMAND} (apply-firewall alone would reload the edited file)"
@@ -474,7 +475,7 @@ def _drift_text(drift):
 
 def classify_redirect(report, qube, drift=None):
     check = "redirect"
-    fix = redirect_fix(qube, drift)
+    fix = redirect_fix(qube, drift, report["tables"].get("sysdns_guard") is not False)
     if not report["tables"].get("sysdns"):
         if report["tables"].get("sysdns_guard"):
             guard = "the guard table inet sysdns_guard drops it, so it does not leave"

@@ -390,6 +390,8 @@ def test_missing_table_mentions_guard():
     text = report_text(table="table sysdns missing", guard="table sysdns_guard missing")
     checks = by_check(diagnose_module.classify(facts(text, window=None)))
     assert "(table inet sysdns_guard is missing too, so nothing stops it from leaving)" in checks["redirect"]["cause"]
+    assert checks["redirect"]["fix"].startswith("re-run the build")
+    assert "qvm-run -u root sys-dns /usr/lib/sysdns/apply-firewall" not in checks["redirect"]["fix"]
 
 
 def test_missing_table_with_guard_drops():
