@@ -44,6 +44,19 @@ RESOLVE_COMMAND = (
 _COUNTER_RE = re.compile(r"counter\s+(\S+)\s*\{\s*packets\s+(\d+)\s+bytes\s+(\d+)", re.S)
 
 
+BUILD_COMMAND = "sudo qubesctl --show-output state.sls qubes.network.sys-dns"
+
+
+def add_problem(problems, what, fix):
+    """
+    Append one problem, "WHAT; fix: FIX", to ``problems``: every problem this module
+    reports names what to do. Raises ValueError for an empty ``fix``.
+    """
+    if not fix:
+        raise ValueError("problem {!r} has no fix".format(what))
+    problems.append("{}; fix: {}".format(what, fix))
+
+
 def __virtual__():
     if "sysdns_qvm.run" in __salt__:
         return __virtualname__
@@ -126,22 +139,52 @@ def chain(qube="sys-dns", netvm="sys-net", rewired=("sys-firewall",)):
     seen = {}
     service = qubes.get(qube)
     if service is None:
-        problems.append("qube {} not found: run qubes.network.sys-dns".format(qube))
+        add_problem(problems, "qube {} not found".format(qube), "run the build: " + BUILD_COMMAND)
     else:
         seen[qube] = {"netvm": service["netvm"], "provides_network": service["provides_network"]}
         if service["netvm"] != netvm:
-            problems.append("{}: netvm is {}, expected {}".format(qube, service["netvm"], netvm))
+            add_problem(
+                problems,
+                "{}: netvm is {}, expected {}".format(qube, service["netvm"], netvm),
+                "qvm-prefs {} netvm {}".format(qube, netvm),
+            )
         if not service["provides_network"]:
-            problems.append("{}: provides_network is False, expected True".format(qube))
+            add_problem(
+                problems,
+                "{}: provides_network is False, expected True".format(qube),
+                "qvm-prefs {} provides_network True".format(qube),
+            )
     for name in rewired:
         client = qubes.get(name)
         if client is None:
-            problems.append("qube {} not found".format(name))
+            add_problem(
+                problems,
+                "qube {} not found".format(name),
+                "create it, or remove it from sysdns:rewire and re-run the build",
+            )
             continue
         seen[name] = {"netvm": client["netvm"]}
         if client["netvm"] != qube:
-            problems.append("{}: netvm is {}, expected {}".format(name, client["netvm"], qube))
+            add_problem(
+                problems,
+                "{}: netvm is {}, expected {}".format(name, client["netvm"], qube),
+                "qvm-prefs {} netvm {}".format(name, qube),
+            )
     return {"ok": not problems, "problems": problems, "seen": seen}
+
+
+def netvm_chain(qubes, name):
+    """
+    Return the qubes that traffic of ``name`` passes on its way out: ``name``, its
+    netvm, that qube's netvm and so on, read from ``qubes`` (list_qubes rows). The
+    chain ends at a qube without netvm, at one missing from ``qubes`` or before a loop.
+    """
+    chain = [name]
+    netvm = (qubes.get(name) or {}).get("netvm")
+    while netvm and netvm not in chain:
+        chain.append(netvm)
+        netvm = (qubes.get(netvm) or {}).get("netvm")
+    return chain
 
 
 def measure(
@@ -177,6 +220,7 @@ def measure(
     before = read_counters(qube)
     probe = "sysdns-probe-{}.{}".format(uuid.uuid4().hex[:12], names[0])
     results = {}
+    chains = {}
     skipped = []
     lookups = 0
     for client in clients:
@@ -187,6 +231,7 @@ def measure(
         if info["state"] != "Running" and not start_clients:
             skipped.append("{} (halted)".format(client))
             continue
+        chains[client] = netvm_chain(qubes, client)
         stdin = "".join(name + "\n" for name in list(names) + [probe])
         result = __salt__["sysdns_qvm.run"](client, RESOLVE_COMMAND, user="user", stdin=stdin, check=False, timeout=120)
         parsed = parse_resolve_output(result["stdout"])
@@ -218,6 +263,7 @@ def measure(
         "after": after,
         "delta": {name: after[name] - before[name] for name in COUNTER_NAMES},
         "results": results,
+        "chains": chains,
         "skipped": skipped,
         "lookups": lookups,
         "probe": probe,
@@ -233,18 +279,33 @@ def check_resolve(window):
     """Return problems with client resolution in a measured window (empty when fine)."""
     problems = []
     if not window["results"]:
-        problems.append(
-            "no client qube was tested ({}): set sysdns:tests:clients to existing qubes".format(
-                ", ".join(window["skipped"]) or "empty list"
-            )
+        add_problem(
+            problems,
+            "no client qube was tested ({})".format(", ".join(window["skipped"]) or "empty list"),
+            "set sysdns:tests:clients to existing qubes",
         )
     for client, names in sorted(window["results"].items()):
+        # A client whose netvm chain misses sys-dns resolves through another qube's
+        # resolver, so a resolved name proves nothing about sys-dns.
+        chain = window.get("chains", {}).get(client)
+        if chain is not None and window["qube"] not in chain:
+            add_problem(
+                problems,
+                "{client}: its DNS queries bypass {qube} (netvm chain {path}), so its answers do not "
+                "come through {qube}".format(
+                    client=client, qube=window["qube"], path=" -> ".join(chain + ([] if len(chain) > 1 else ["none"]))
+                ),
+                "set its netvm to a qube behind {qube} (qvm-prefs {client} netvm QUBE), add it to "
+                "sysdns:rewire, or remove it from sysdns:tests:clients".format(client=client, qube=window["qube"]),
+            )
         for name, outcome in sorted(names.items()):
             if not outcome["ok"]:
-                problems.append(
+                add_problem(
+                    problems,
                     "{}: resolving {} failed (expected an address, got: getent exit {})".format(
                         client, name, outcome["detail"] or "unknown"
-                    )
+                    ),
+                    "qubesctl sysdns.diagnose names the cause; check the name in sysdns:tests:names",
                 )
     return problems
 
@@ -261,17 +322,21 @@ def check_no_plaintext(window):
     problems = []
     delta = window["delta"]
     if delta["leaked"] != 0:
-        problems.append(
+        add_problem(
+            problems,
             "{}: {} plaintext port-53 packets left through the uplink during the test window (expected 0)".format(
                 window["qube"], delta["leaked"]
-            )
+            ),
+            "re-run the build, which reloads the tables: " + BUILD_COMMAND,
         )
     if window["lookups"] and delta["redirected"] < window["lookups"]:
-        problems.append(
+        add_problem(
+            problems,
             "{}: the redirect counted {} queries for {} client lookups, so queries "
             "bypassed sys-dns's redirect (expected at least {})".format(
                 window["qube"], delta["redirected"], window["lookups"], window["lookups"]
-            )
+            ),
+            "qubesctl sysdns.diagnose names the qubes that bypass it; re-run the build: " + BUILD_COMMAND,
         )
     return problems
 
@@ -290,16 +355,21 @@ def check_upstream(window):
         seen = ", ".join(
             "no answer" if code is None else "response code {}".format(code) for code in window["upstream_rcodes"]
         )
-        problems.append(
+        add_problem(
+            problems,
             "{}: dnscrypt-proxy got no upstream answer for the random names {} (expected "
-            "NOERROR or NXDOMAIN, got {}); check that sys-net is connected and the "
-            "clock is right".format(window["qube"], ", ".join(window["upstream_probes"]), seen or "no answer")
+            "NOERROR or NXDOMAIN, got {})".format(
+                window["qube"], ", ".join(window["upstream_probes"]), seen or "no answer"
+            ),
+            "check that sys-net is connected and the clock is right (qubesctl sysdns.diagnose checks both)",
         )
     if window["delta"]["upstream_replies"] <= 0:
-        problems.append(
+        add_problem(
+            problems,
             "{}: no packet came back from an upstream resolver during the test window (expected at least one)".format(
                 window["qube"]
-            )
+            ),
+            "check that sys-net is connected (qubesctl sysdns.diagnose names the cause)",
         )
     return problems
 
@@ -321,6 +391,14 @@ _HEALTHY_REPORT = {
     "guard": "loaded",
     "guard-ruleset": "as-loaded",
     "input-accept": "present",
+}
+
+# Effect of a missing or incomplete part of the firewall, quoted in the status problems.
+_REPORT_EFFECT = {
+    "firewall": "so downstream DNS is not redirected to dnscrypt-proxy (table inet sysdns)",
+    "guard": "so the fail-closed guard (table inet sysdns_guard) does not stop plaintext DNS from leaving "
+    "while table inet sysdns is missing",
+    "input-accept": "so Qubes' input chain rejects the redirected queries",
 }
 
 # Log lines of dnscrypt-proxy 2.1.8: "[TIME] [LEVEL] MESSAGE" (dlog), and the
@@ -625,7 +703,7 @@ def _service_qube_status(qubes, cfg, problems):
     name = cfg["qube"]["name"]
     row = qubes.get(name)
     if row is None:
-        problems.append("qube {} not found: run qubes.network.sys-dns".format(name))
+        add_problem(problems, "qube {} not found".format(name), "run the build: " + BUILD_COMMAND)
         return {"name": name, "exists": False}
     described = {
         "name": name,
@@ -637,16 +715,29 @@ def _service_qube_status(qubes, cfg, problems):
         "provides_network": row["provides_network"],
     }
     if row["class"] != cfg["qube"]["class"]:
-        problems.append("{}: class is {}, the pillar asks for {}".format(name, row["class"], cfg["qube"]["class"]))
+        add_problem(
+            problems,
+            "{}: class is {}, the pillar asks for {}".format(name, row["class"], cfg["qube"]["class"]),
+            "Qubes cannot change a qube's class, so set sysdns:qube:class to {}, or remove the qube "
+            "(qvm-remove {}) and re-run the build".format(row["class"], name),
+        )
     if row["netvm"] != cfg["qube"]["netvm"]:
-        problems.append("{}: netvm is {}, expected {}".format(name, row["netvm"], cfg["qube"]["netvm"]))
+        add_problem(
+            problems,
+            "{}: netvm is {}, expected {}".format(name, row["netvm"], cfg["qube"]["netvm"]),
+            "qvm-prefs {} netvm {}".format(name, cfg["qube"]["netvm"]),
+        )
     if not row["provides_network"]:
-        problems.append("{}: provides_network is False, expected True".format(name))
+        add_problem(
+            problems,
+            "{}: provides_network is False, expected True".format(name),
+            "qvm-prefs {} provides_network True".format(name),
+        )
     if row["state"] != "Running":
-        problems.append(
-            "{} is {}, so downstream qubes have no DNS: start it (qvm-start {}); status does not start it".format(
-                name, row["state"], name
-            )
+        add_problem(
+            problems,
+            "{} is {}, so downstream qubes have no DNS (status does not start it)".format(name, row["state"]),
+            "qvm-start {}".format(name),
         )
     return described
 
@@ -659,7 +750,11 @@ def _chain_status(qubes, cfg, problems):
         row = qubes.get(name)
         if row is None:
             chain[name] = {"exists": False, "through_sysdns": False}
-            problems.append("qube {} (sysdns:rewire) not found".format(name))
+            add_problem(
+                problems,
+                "qube {} (sysdns:rewire) not found".format(name),
+                "create it, or remove it from sysdns:rewire and re-run the build",
+            )
             continue
         path = _netvm_path(qubes, name)
         through = service in path[1:]
@@ -670,10 +765,10 @@ def _chain_status(qubes, cfg, problems):
             "state": row["state"],
         }
         if not through:
-            problems.append(
-                "{}: netvm is {}, so its DNS does not pass through {}: run qubes.network.sys-dns".format(
-                    name, row["netvm"], service
-                )
+            add_problem(
+                problems,
+                "{}: netvm is {}, so its DNS does not pass through {}".format(name, row["netvm"], service),
+                "qvm-prefs {} netvm {}, or re-run the build: {}".format(name, service, BUILD_COMMAND),
             )
     return chain
 
@@ -743,26 +838,35 @@ def _drift_status(report, wanted_files, problems, qube):
             files[name] = "matches"
     drifted = ["{} ({})".format(name, state) for name, state in files.items() if state != "matches"]
     if drifted:
-        problems.append(
-            "{}: /rw/config/sysdns differs from what the pillar renders: {}; the next build restores it".format(
-                qube, ", ".join(drifted)
-            )
+        add_problem(
+            problems,
+            "{}: /rw/config/sysdns differs from what the pillar renders: {}".format(qube, ", ".join(drifted)),
+            "re-run the build, which restores it: " + BUILD_COMMAND,
         )
     for key, table in (("ruleset", "inet sysdns"), ("guard-ruleset", "inet sysdns_guard")):
         if report[key] == "modified":
-            problems.append(
-                "{}: the rules of table {} changed since they were loaded; the next build reloads them".format(
-                    qube, table
-                )
+            add_problem(
+                problems,
+                "{}: the rules of table {} changed since they were loaded".format(qube, table),
+                "re-run the build, which reloads them: " + BUILD_COMMAND,
             )
         elif report[key] == "unrecorded":
-            problems.append(
-                "{}: table {} was loaded without a recorded digest, so runtime changes cannot be "
-                "detected; the next build reloads it".format(qube, table)
+            add_problem(
+                problems,
+                "{}: table {} was loaded without a recorded digest, so runtime changes cannot be detected".format(
+                    qube, table
+                ),
+                "re-run the build, which reloads it: " + BUILD_COMMAND,
             )
     for key in ("firewall", "guard", "input-accept"):
         if report[key] != _HEALTHY_REPORT[key]:
-            problems.append("{}: {} is {}, expected {}".format(qube, key, report[key], _HEALTHY_REPORT[key]))
+            add_problem(
+                problems,
+                "{}: {} is {}, expected {}, {}".format(
+                    qube, key, report[key], _HEALTHY_REPORT[key], _REPORT_EFFECT[key]
+                ),
+                "re-run the build, which reloads the tables: " + BUILD_COMMAND,
+            )
     return {
         "in_sync": not drifted
         and all(report[key] == _HEALTHY_REPORT[key] for key in _HEALTHY_REPORT if key != "service"),
@@ -804,12 +908,24 @@ def _server_status(servers, report, problems, qube):
             if name in report["certificates"]:
                 server["certificate"] = describe_certificate(report["certificates"][name], report["clock"])
                 if server["certificate"].get("problem"):
-                    problems.append("{}: server {}: {}".format(qube, name, server["certificate"]["problem"]))
+                    add_problem(
+                        problems,
+                        "{}: server {}: {}".format(qube, name, server["certificate"]["problem"]),
+                        "qubesctl sysdns.diagnose checks the clock and the path to the resolver",
+                    )
             else:
                 server["certificate"] = {"valid_now": None, "problem": "not fetched: the status helper printed nothing"}
-                problems.append("{}: server {}: the status helper printed no certificate line".format(qube, name))
+                add_problem(
+                    problems,
+                    "{}: server {}: the status helper printed no certificate line".format(qube, name),
+                    "re-run the build, which reinstalls {}: {}".format(STATUS_COMMAND, BUILD_COMMAND),
+                )
     if running and not any(server.get("live") for server in servers.values()):
-        problems.append("{}: dnscrypt-proxy reports no live server yet".format(qube))
+        add_problem(
+            problems,
+            "{}: dnscrypt-proxy reports no live server yet".format(qube),
+            "wait a minute for its first server refresh; if it persists, qubesctl sysdns.diagnose names the cause",
+        )
     return {
         "service": report["service"],
         "running": running,
@@ -829,7 +945,7 @@ def collect_status(pillar=None):
 
     Keys:
 
-    - ``ok`` and ``problems`` (sentences that name the fix);
+    - ``ok`` and ``problems`` ("WHAT; fix: FIX" sentences, see add_problem);
     - ``qube``: class, template, state and netvm of sys-dns;
     - ``chain``: each rewired qube, its netvm path, and whether it passes through sys-dns;
     - ``dnscrypt_proxy``: service, version and live servers;
@@ -867,13 +983,14 @@ def collect_status(pillar=None):
         if result["retcode"] == 0:
             report = parse_status_output(result["stdout"])
         else:
-            problems.append(
-                "{}: the status helper failed ({}); a template built before it existed lacks {}: "
-                "run qubes.network.sys-dns".format(
+            add_problem(
+                problems,
+                "{}: the status helper failed ({}); a template built before it existed lacks {}".format(
                     name,
                     (result["stderr"] or result["stdout"]).strip()[-500:] or "exit code {}".format(result["retcode"]),
                     STATUS_COMMAND,
-                )
+                ),
+                "run the build: " + BUILD_COMMAND,
             )
 
     if report is None:
@@ -890,7 +1007,12 @@ def collect_status(pillar=None):
     else:
         status["dnscrypt_proxy"] = _server_status(servers, report, problems, name)
         if not status["dnscrypt_proxy"]["running"]:
-            problems.append("{}: dnscrypt-proxy is not running (service {})".format(name, report["service"]))
+            add_problem(
+                problems,
+                "{}: dnscrypt-proxy is not running (service {})".format(name, report["service"]),
+                "qvm-run -u root {} 'systemctl restart dnscrypt-proxy'; if it stops again, read its log: "
+                "qvm-run -p -u root {} 'journalctl -u dnscrypt-proxy -b'".format(name, name),
+            )
         status.update(
             servers=servers,
             counters=_counter_status(report["counters"]),

@@ -12,6 +12,7 @@ dnscrypt-proxy's journal. The pure functions below turn those facts into finding
 Facts about dnscrypt-proxy cite its 2.1.8 sources.
 """
 
+import hashlib
 import logging
 import re
 import struct
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 __virtualname__ = "sysdns_diagnose"
 
 DIAGNOSE_COMMAND = "/usr/lib/sysdns/diagnose"
+BUILD_COMMAND = "sudo qubesctl --show-output state.sls qubes.network.sys-dns"
 # Seconds dom0 waits for the diagnose helper, so that an unreachable upstream yields a
 # diagnosis rather than a timeout. The base covers the rest of its work. The upstream
 # probe takes 15 s at most (SYSDNS_PROBE_TIMEOUT in probe-upstream.sh). The helper
@@ -165,6 +167,10 @@ def parse_report(output):
         "probe_rcode": None,
         "probe_ran": False,
         "certs": {},
+        "files": {},
+        "files_listed": False,
+        "forwards": [],
+        "addresses": set(),
         "log": [],
     }
     for line in output.splitlines():
@@ -195,6 +201,14 @@ def parse_report(output):
         elif key == "probe" and len(rest) == 2 and rest[0] == "rcode":
             report["probe_ran"] = True
             report["probe_rcode"] = int(rest[1]) if rest[1].isdigit() else None
+        elif key == "file" and len(rest) == 2:
+            report["files"][rest[1]] = rest[0]
+        elif key == "files" and rest == ["listed"]:
+            report["files_listed"] = True
+        elif key == "forward" and len(rest) == 2:
+            report["forwards"].append((rest[0], rest[1].split(",")))
+        elif key == "address" and len(rest) == 1:
+            report["addresses"].add(rest[0])
         elif key == "cert" and len(rest) == 2:
             report["certs"][rest[0]] = None if rest[1] == "none" else rest[1]
         elif key == "log" and len(rest) >= 2 and rest[0].isdigit():
@@ -239,6 +253,42 @@ def log_facts(lines, now, window=LOG_WINDOW_S):
         if match:
             facts["severe"].append(match.group(2))
     return facts
+
+
+def config_drift(report, wanted_files):
+    """
+    Return the names of the files in /rw/config/sysdns that differ from what the pillar
+    renders (``wanted_files``: name to content), missing or extra, sorted. Returns
+    None when the report has no file list, as from a helper older than the file lines.
+    """
+    if not report["files_listed"]:
+        return None
+    report_files = report["files"]
+    wanted = {name: hashlib.sha256(content.encode("utf-8")).hexdigest() for name, content in wanted_files.items()}
+    return sorted(name for name in set(wanted) | set(report_files) if wanted.get(name) != report_files.get(name))
+
+
+def _server_host(server):
+    """Return the IP of a forwarding-rule server: ``IP``, ``IP:PORT`` or ``[IPv6]:PORT``."""
+    if server.startswith("["):
+        return server[1:].partition("]")[0]
+    if server.count(":") == 1:
+        return server.partition(":")[0]
+    return server
+
+
+def self_forwards(report):
+    """
+    Return ``[(zone, server)]`` for the forwarding rules of the running configuration
+    whose server is an address of the qube itself. dnscrypt-proxy then sends those
+    queries to itself, since the qube's own port-53 traffic is redirected to it.
+    """
+    return [
+        (zone, server)
+        for zone, servers in report["forwards"]
+        for server in servers
+        if _server_host(server) in report["addresses"]
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -402,20 +452,41 @@ def classify_listening(report, service_ok, qube):
     )
 
 
-def classify_redirect(report, qube):
+def redirect_fix(qube, drift, guard_loaded=True):
+    """
+    Return the fix for a missing or broken redirect. apply-firewall loads
+    /rw/config/sysdns/sysdns.nft as it is, so when that file differs from the pillar
+    (``drift`` lists names) only the build, which rewrites the file, repairs it. It
+    does not load the guard table inet sysdns_guard either, which the build restores.
+    """
+    if drift or not guard_loaded:
+        return (
+            f"re-run the build, which restores /rw/config/sysdns from the pillar and reloads the tables: "
+            f"{BUILD_COMMAND} (apply-firewall alone would reload the edited file)"
+        )
+    return f"qvm-run -u root {qube} /usr/lib/sysdns/apply-firewall, or re-run the build: {BUILD_COMMAND}"
+
+
+def _drift_text(drift):
+    if not drift:
+        return ""
+    return "; /rw/config/sysdns differs from what the pillar renders: " + ", ".join(drift)
+
+
+def classify_redirect(report, qube, drift=None):
     check = "redirect"
-    fix = (
-        f"qvm-run -u root {qube} /usr/lib/sysdns/apply-firewall, or re-apply: "
-        "sudo qubesctl --show-output state.sls qubes.network.sys-dns"
-    )
+    fix = redirect_fix(qube, drift, report["tables"].get("sysdns_guard") is not False)
     if not report["tables"].get("sysdns"):
-        guard = "the guard table inet sysdns_guard drops it" if report["tables"].get("sysdns_guard") else "nothing"
+        if report["tables"].get("sysdns_guard"):
+            guard = "the guard table inet sysdns_guard drops it, so it does not leave"
+        else:
+            guard = "table inet sysdns_guard is missing too, so nothing stops it from leaving"
         return finding(
             check,
             FAIL,
-            f"table inet sysdns is missing in {qube}",
+            f"table inet sysdns is missing in {qube}" + _drift_text(drift),
             f"the formula's nft table was deleted or failed to load, so downstream DNS is not "
-            f"redirected to dnscrypt-proxy ({guard} stops it from leaving)",
+            f"redirected to dnscrypt-proxy ({guard})",
             fix,
         )
     if not report["redirect_chain"] or not report["redirect_rule"]:
@@ -425,7 +496,7 @@ def classify_redirect(report, qube):
         return finding(
             check,
             FAIL,
-            f"table inet sysdns lacks {part}",
+            f"table inet sysdns lacks {part}" + _drift_text(drift),
             "the redirect was flushed or edited by hand, so downstream DNS is not redirected to dnscrypt-proxy",
             fix,
         )
@@ -433,7 +504,7 @@ def classify_redirect(report, qube):
         return finding(
             check,
             FAIL,
-            "the formula's accept rule is missing from ip qubes custom-input",
+            "the formula's accept rule is missing from ip qubes custom-input" + _drift_text(drift),
             "Qubes' input chain rejects the redirected queries without it",
             fix,
         )
@@ -537,19 +608,41 @@ def classify_clock(report, dom0_clock, servers, qube):
         detail += "; no certificate answer from " + ", ".join(unanswered)
     if unreadable:
         detail += "; certificate answer rejected from " + ", ".join(unreadable)
+    if servers and not valid:
+        # Agreement with dom0's clock proves nothing when dom0's clock is wrong too:
+        # only a certificate valid at the qube's clock does.
+        return finding(
+            check,
+            SKIP,
+            detail + "; no DNSCrypt certificate could be checked against the clock, so the check cannot pass",
+        )
     return finding(check, OK, detail)
 
 
-def classify_max_clients(logs, configured, qube):
+def classify_max_clients(logs, configured, qube, loops=()):
     check = "max_clients"
     if not logs["too_many"]:
         return finding(check, OK, f"no refused client in the last {LOG_WINDOW_S // 60} minutes")
     limit = logs["max_clients"] or configured
+    detail = (
+        f"dnscrypt-proxy logged 'Too many incoming connections (max={limit})' "
+        f"{logs['too_many']} times in the last {LOG_WINDOW_S // 60} minutes"
+    )
+    if loops:
+        rules = ", ".join(f"zone {zone} -> {server}" for zone, server in loops)
+        return finding(
+            check,
+            FAIL,
+            detail,
+            f"forwarding loop: the forwarding rules ({rules}) name an address of {qube} itself, so "
+            "dnscrypt-proxy forwards those queries to itself until max_clients is exhausted",
+            "point the rule at another resolver, or remove it, in sysdns:dnscrypt:forwarding_rules and "
+            f"re-run the build, which also restores a hand-edited file: {BUILD_COMMAND}",
+        )
     return finding(
         check,
         FAIL,
-        f"dnscrypt-proxy logged 'Too many incoming connections (max={limit})' "
-        f"{logs['too_many']} times in the last {LOG_WINDOW_S // 60} minutes",
+        detail,
         f"max_clients exhausted: {limit} queries were in flight at once, so dnscrypt-proxy answered "
         "further UDP queries from its cache only and closed further TCP connections",
         f"raise sysdns:dnscrypt:max_clients (now {configured}) in the pillar and re-apply "
@@ -611,15 +704,37 @@ def classify_upstream(report, logs, findings, qube_row, qube):
     )
 
 
-def classify_tests(window, error, findings, qube):
+def _unguarded_finding(report, qube):
+    """
+    Return the failed plaintext finding when both formula tables are missing in
+    ``qube``, else None. Then no rule redirects or drops port-53 traffic, and Qubes'
+    dnat-dns sends the queries to the netvm's resolver in plaintext.
+    """
+    tables = report["tables"] if report else {}
+    if tables.get("sysdns") is not False or tables.get("sysdns_guard") is not False:
+        return None
+    return finding(
+        "no plaintext DNS",
+        FAIL,
+        f"tables inet sysdns and inet sysdns_guard are both missing in {qube}",
+        f"nothing stops port-53 traffic from leaving {qube}: without the redirect and the guard, "
+        "queries go in plaintext to the netvm's resolver",
+        f"re-run the build: {BUILD_COMMAND}",
+    )
+
+
+def classify_tests(window, error, findings, qube, report=None):
     """Turn the tests SLS checks of a measured window into findings, naming root causes."""
     checks = ("clients resolve", "no plaintext DNS", "encrypted upstream sessions")
     roots = _failed(
         findings, "netvm chain", "bypass", "dnscrypt-proxy", "port 53", "redirect", "clock", "max_clients", "upstream"
     )
+    unguarded = _unguarded_finding(report, qube)
     if window is None:
         reason = error or ("skipped: " + ", ".join(item["check"] for item in roots) + " failed")
-        return [finding(check, SKIP, reason) for check in checks]
+        return [
+            unguarded if check == "no plaintext DNS" and unguarded else finding(check, SKIP, reason) for check in checks
+        ]
     results = (
         __salt__["sysdns.check_resolve"](window),
         __salt__["sysdns.check_no_plaintext"](window),
@@ -651,7 +766,8 @@ def classify(facts):
     Turn collected facts into findings. ``facts`` has the keys ``qube``, ``netvm``,
     ``rewired``, ``row`` (the qvm-ls row of the service qube or None), ``chain``,
     ``bypass``, ``report`` (parsed, or None when the qube does not run), ``dom0_clock``,
-    ``servers``, ``max_clients``, and ``window``/``window_error`` of the tests SLS.
+    ``servers``, ``max_clients``, ``drift`` (see config_drift; absent or None when
+    unknown), and ``window``/``window_error`` of the tests SLS.
     """
     qube = facts["qube"]
     findings = [
@@ -674,11 +790,11 @@ def classify(facts):
     service = classify_service(report, logs, qube)
     findings.append(service)
     findings.append(classify_listening(report, service["status"] == OK, qube))
-    findings.append(classify_redirect(report, qube))
+    findings.append(classify_redirect(report, qube, facts.get("drift")))
     findings.append(classify_clock(report, facts["dom0_clock"], facts["servers"], qube))
-    findings.append(classify_max_clients(logs, facts["max_clients"], qube))
+    findings.append(classify_max_clients(logs, facts["max_clients"], qube, self_forwards(report)))
     findings.append(classify_upstream(report, logs, findings, facts["row"], qube))
-    findings += classify_tests(facts["window"], facts["window_error"], findings, qube)
+    findings += classify_tests(facts["window"], facts["window_error"], findings, qube, report)
     return findings
 
 
@@ -729,6 +845,7 @@ def collect(cfg):
         "dom0_clock": int(time.time()),
         "servers": servers,
         "max_clients": cfg["dnscrypt"]["max_clients"],
+        "drift": None,
         "window": None,
         "window_error": None,
     }
@@ -760,6 +877,7 @@ def collect(cfg):
     facts["report"] = parse_report(result["stdout"])
 
     report = facts["report"]
+    facts["drift"] = config_drift(report, __salt__["sysdns_config.config_files"](cfg))
     service = report["service"] or {}
     listening = any(item["process"] == "dnscrypt-proxy" for item in report["listen"])
     redirect = report["tables"].get("sysdns") and report["redirect_chain"] and report["redirect_rule"]

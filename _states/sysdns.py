@@ -146,7 +146,7 @@ def template_present(name, source, clone=True):
             if qube["class"] != "TemplateVM":
                 return _fail(
                     ret,
-                    "qube {} exists but is a {}, not a TemplateVM: rename it or choose "
+                    "qube {} exists but its class is {}, not TemplateVM: rename it or choose "
                     "another name in sysdns:template:name".format(name, qube["class"]),
                 )
             return ret
@@ -655,6 +655,13 @@ def config_applied(name, files, restart_qube=None):
         if store_needed and not file_changes:
             changes["stored"] = {"old": recorded, "new": wanted}
         if not changes:
+            if report is None:
+                # Halted: only the record was compared, and the service state is
+                # unknown until the qube runs.
+                ret["comment"] = (
+                    "Configuration recorded in feature {} of {} matches the pillar; {} is halted, so "
+                    "whether dnscrypt-proxy runs is unknown until it starts".format(CONFIG_FEATURE, name, service_qube)
+                )
             return ret
 
         ret["changes"] = changes

@@ -100,6 +100,21 @@ def test_plaintext_check_fails_on_leak(built_lab):
     assert observation.dns_queries, observation.summary()
 
 
+def test_resolve_check_fails_for_bypassing_client(built_lab):
+    lab = built_lab
+    lab.qvm("qvm-prefs", "personal", "netvm", "sys-net", check=True)
+    try:
+        code, results, states = run_checks(lab)
+    finally:
+        lab.qvm("qvm-prefs", "personal", "netvm", "sys-firewall", check=True)
+    assert code != 0
+    assert results[RESOLVE] is False
+    comment = states[RESOLVE]["comment"]
+    assert "personal: its DNS queries bypass sys-dns (netvm chain personal -> sys-net)" in comment
+    assert "remove it from sysdns:tests:clients" in comment
+    assert results[SUMMARY] is False
+
+
 def test_upstream_check_fails_when_unreachable(built_lab):
     lab = built_lab
     lab.exec("sys-net", UPSTREAM_BLOCK, check=True)

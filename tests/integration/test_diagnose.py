@@ -26,6 +26,9 @@ UPSTREAM_BLOCK = (
     "nft add rule ip labfault forward ip daddr 192.0.2.0/24 meta l4proto { tcp, udp } th dport { 443, 4443 } drop"
 )
 UPSTREAM_UNBLOCK = "nft delete table ip labfault"
+BUILD_COMMAND = "sudo qubesctl --show-output state.sls qubes.network.sys-dns"
+NFT = "/rw/config/sysdns/sysdns.nft"
+RESTORE_TABLES = "systemctl restart sysdns-guard.service && /usr/lib/sysdns/apply-firewall"
 
 # Holds TCP connections to the virtual DNS address open from a client: one new
 # connection every 0.1 s, up to 20 at once. dnscrypt-proxy keeps each accepted one for
@@ -159,6 +162,52 @@ def test_diagnose_names_missing_redirect(built_lab, fault, seen):
     assert "apply-firewall" in findings["redirect"]["fix"]
 
 
+def test_diagnose_fails_plaintext_without_tables(built_lab):
+    lab = built_lab
+    lab.exec("sys-dns", "nft delete table inet sysdns && nft delete table inet sysdns_guard", check=True)
+    try:
+        code, data, findings = diagnose(lab)
+        result = lab.qubesctl("sysdns.status", "--out=json", timeout=300)
+    finally:
+        lab.exec("sys-dns", RESTORE_TABLES, check=True)
+    assert code != 0
+    assert failing(findings) == {"redirect", "no plaintext DNS"}, data["summary"]
+    plaintext = findings["no plaintext DNS"]
+    assert plaintext["cause"].startswith("nothing stops port-53 traffic from leaving sys-dns")
+    assert plaintext["fix"] == "re-run the build: " + BUILD_COMMAND
+    assert "nothing stops it from leaving" in findings["redirect"]["cause"]
+    # apply-firewall does not load the guard, so the build is the fix here too.
+    assert findings["redirect"]["fix"].startswith("re-run the build")
+    problems = json.loads(result.stdout)["local"]["problems"]
+    guard = [problem for problem in problems if problem.startswith("sys-dns: guard is missing")]
+    assert len(guard) == 1, problems
+    assert "does not stop plaintext DNS from leaving" in guard[0]
+    assert guard[0].endswith("; fix: re-run the build, which reloads the tables: " + BUILD_COMMAND)
+
+
+def test_diagnose_gives_build_for_edited_file(built_lab):
+    lab = built_lab
+    lab.exec("sys-dns", f"sed -i '/counter name \"redirected\" redirect/d' {NFT}", check=True)
+    lab.exec("sys-dns", "/usr/lib/sysdns/apply-firewall", check=True)
+    try:
+        code, data, findings = diagnose(lab)
+    finally:
+        # The fix that diagnose names: the build restores the file and reloads it.
+        restore_code, states, output = apply_sls(lab, BUILD)
+    assert restore_code == 0, output
+    assert code != 0
+    assert failing(findings) == {"redirect"}, data["summary"]
+    redirect = findings["redirect"]
+    assert "lacks the redirect rule" in redirect["detail"]
+    assert redirect["detail"].endswith("/rw/config/sysdns differs from what the pillar renders: sysdns.nft")
+    assert redirect["fix"].startswith("re-run the build, which restores /rw/config/sysdns")
+    assert BUILD_COMMAND in redirect["fix"]
+    for item in findings.values():
+        assert "qvm-run -u root sys-dns /usr/lib/sysdns/apply-firewall" not in item["fix"], item
+    code, data, findings = diagnose(lab)
+    assert findings["redirect"]["status"] == "ok", data["summary"]
+
+
 def test_diagnose_names_blocked_upstream(built_lab):
     lab = built_lab
     lab.exec("sys-net", UPSTREAM_BLOCK, check=True)
@@ -173,7 +222,9 @@ def test_diagnose_names_blocked_upstream(built_lab):
     assert findings["upstream"]["cause"].startswith("no upstream reachable")
     assert findings["encrypted upstream sessions"]["cause"] == findings["upstream"]["cause"]
     assert "lab-dnscrypt" in findings["upstream"]["detail"]
-    assert findings["clock"]["status"] == "ok"
+    # No certificate answer reaches sys-dns, so the clock check cannot pass.
+    assert findings["clock"]["status"] == "skip", findings["clock"]
+    assert "no certificate answer from lab-dnscrypt" in findings["clock"]["detail"]
 
 
 def test_diagnose_names_clock_skew(built_lab):
@@ -239,8 +290,11 @@ def test_diagnose_names_bypassing_client(built_lab):
         lab.qvm("qvm-prefs", "work", "netvm", "sys-firewall", check=True)
     assert code != 0
     assert "bypass" in failing(findings), data["summary"]
-    assert failing(findings) <= {"bypass", "no plaintext DNS"}, data["summary"]
+    assert failing(findings) <= {"bypass", "no plaintext DNS", "clients resolve"}, data["summary"]
     assert "work: work -> sys-net" in findings["bypass"]["detail"]
+    # work is a test client, so the tests SLS check fails for it too, naming its chain.
+    assert findings["clients resolve"]["status"] == "fail", data["summary"]
+    assert "work: its DNS queries bypass sys-dns (netvm chain work -> sys-net)" in findings["clients resolve"]["detail"]
     assert "qvm-prefs work netvm sys-firewall" in findings["bypass"]["fix"]
 
 

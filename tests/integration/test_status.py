@@ -125,7 +125,12 @@ def test_status_when_dnscrypt_proxy_stopped(built_lab):
     assert status["dnscrypt_proxy"]["running"] is False
     assert status["dnscrypt_proxy"]["service"] == "inactive"
     assert status["dnscrypt_proxy"]["live_servers"] == []
-    assert "sys-dns: dnscrypt-proxy is not running (service inactive)" in status["problems"]
+    stopped = [
+        problem for problem in status["problems"] if problem.startswith("sys-dns: dnscrypt-proxy is not running")
+    ]
+    assert len(stopped) == 1, status["problems"]
+    assert stopped[0].startswith("sys-dns: dnscrypt-proxy is not running (service inactive); fix: ")
+    assert "systemctl restart dnscrypt-proxy" in stopped[0]
     assert status["servers"]["lab-doh"]["live"] is False
 
 

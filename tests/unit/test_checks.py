@@ -102,7 +102,10 @@ def test_window_passes_on_healthy_counts():
 def test_resolve_fails_for_unknown_name():
     fake = CheckQubes(QUBES, [counters(), counters(2, 0, 1)])
     problems = checks(fake).check_resolve(window(fake, names=("missing.lab.test",)))
-    assert problems == ["personal: resolving missing.lab.test failed (expected an address, got: getent exit 2)"]
+    assert problems == [
+        "personal: resolving missing.lab.test failed (expected an address, got: getent exit 2); fix: "
+        "qubesctl sysdns.diagnose names the cause; check the name in sysdns:tests:names"
+    ]
 
 
 def test_leak_counter_fails_check():
@@ -193,9 +196,9 @@ def test_chain_reports_each_problem():
     outcome = checks(FakeQubes(qubes)).chain("sys-dns", "sys-net", ["sys-firewall"])
     assert outcome["ok"] is False
     assert outcome["problems"] == [
-        "sys-dns: netvm is sys-firewall, expected sys-net",
-        "sys-dns: provides_network is False, expected True",
-        "sys-firewall: netvm is sys-net, expected sys-dns",
+        "sys-dns: netvm is sys-firewall, expected sys-net; fix: qvm-prefs sys-dns netvm sys-net",
+        "sys-dns: provides_network is False, expected True; fix: qvm-prefs sys-dns provides_network True",
+        "sys-firewall: netvm is sys-net, expected sys-dns; fix: qvm-prefs sys-firewall netvm sys-dns",
     ]
 
 
@@ -224,3 +227,25 @@ def test_check_states_summary():
     summary = state.summary("summary")
     assert summary["result"] is False
     assert summary["comment"].splitlines()[0] == "2 of 4 checks passed"
+
+
+def test_client_bypassing_sys_dns_fails_resolve():
+    bypassing = QUBES + [qube("work", state="Running", netvm="sys-net")]
+    fake = CheckQubes(bypassing, [counters(10, 0, 4), counters(14, 0, 9)])
+    measured = window(fake)
+    problems = checks(fake).check_resolve(measured)
+    assert measured["chains"]["personal"] == ["personal", "sys-firewall", "sys-dns", "sys-net"]
+    assert measured["chains"]["work"] == ["work", "sys-net"]
+    assert len(problems) == 1
+    assert problems[0].startswith("work: its DNS queries bypass sys-dns (netvm chain work -> sys-net)")
+    assert "qvm-prefs work netvm QUBE" in problems[0]
+    assert "sysdns:rewire" in problems[0]
+    assert "sysdns:tests:clients" in problems[0]
+
+
+def test_client_without_netvm_fails_resolve():
+    offline = QUBES + [qube("work", state="Running")]
+    fake = CheckQubes(offline, [counters(10, 0, 4), counters(14, 0, 9)])
+    problems = checks(fake).check_resolve(window(fake))
+    assert len(problems) == 1
+    assert problems[0].startswith("work: its DNS queries bypass sys-dns (netvm chain work -> none)")

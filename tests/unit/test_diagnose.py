@@ -1,6 +1,7 @@
 """Tests of the cause classification behind sysdns.diagnose, one branch at a time."""
 
 import copy
+import hashlib
 import struct
 
 import pytest
@@ -9,6 +10,7 @@ from tests.unit.sysdns_fakes import FakeQubes, config_module, load_salt_module, 
 
 NOW = 1_800_000_000
 PROVIDER = "2.dnscrypt-cert.lab.test"
+SKIPPED_CLOCK = "; no DNSCrypt certificate could be checked against the clock, so the check cannot pass"
 SERVERS = [{"name": "lab-dnscrypt", "ip": "192.0.2.2", "port": 443, "provider_name": PROVIDER}]
 
 checks_module = load_salt_module("_modules/sysdns.py")
@@ -387,7 +389,65 @@ def test_redirect_faults_named(replace, seen):
 def test_missing_table_mentions_guard():
     text = report_text(table="table sysdns missing", guard="table sysdns_guard missing")
     checks = by_check(diagnose_module.classify(facts(text, window=None)))
-    assert "(nothing stops it from leaving)" in checks["redirect"]["cause"]
+    assert "(table inet sysdns_guard is missing too, so nothing stops it from leaving)" in checks["redirect"]["cause"]
+    assert checks["redirect"]["fix"].startswith("re-run the build")
+    assert "qvm-run -u root sys-dns /usr/lib/sysdns/apply-firewall" not in checks["redirect"]["fix"]
+
+
+def test_missing_table_with_guard_drops():
+    text = report_text(table="table sysdns missing", chain="redirect-chain missing", rule="redirect-rule missing")
+    findings = diagnose_module.classify(facts(text, window=None))
+    checks = by_check(findings)
+    assert "(the guard table inet sysdns_guard drops it, so it does not leave)" in checks["redirect"]["cause"]
+    assert checks["no plaintext DNS"]["status"] == "skip"
+    assert failing(findings) == {"redirect"}
+
+
+def test_missing_tables_fail_plaintext_check():
+    text = report_text(
+        table="table sysdns missing",
+        guard="table sysdns_guard missing",
+        chain="redirect-chain missing",
+        rule="redirect-rule missing",
+    )
+    findings = diagnose_module.classify(facts(text, window=None))
+    plaintext = by_check(findings)["no plaintext DNS"]
+    assert failing(findings) == {"redirect", "no plaintext DNS"}
+    assert plaintext["detail"] == "tables inet sysdns and inet sysdns_guard are both missing in sys-dns"
+    assert plaintext["cause"].startswith("nothing stops port-53 traffic from leaving sys-dns")
+    assert plaintext["fix"] == "re-run the build: sudo qubesctl --show-output state.sls qubes.network.sys-dns"
+
+
+@pytest.mark.parametrize(
+    "replace",
+    [
+        {"table": "table sysdns missing", "chain": "redirect-chain missing", "rule": "redirect-rule missing"},
+        {"rule": "redirect-rule missing"},
+        {"input": "input-accept missing"},
+    ],
+)
+def test_redirect_fix_for_edited_file_is_build(replace):
+    findings = diagnose_module.classify(facts(report_text(**replace), window=None, drift=["sysdns.nft"]))
+    redirect = by_check(findings)["redirect"]
+    assert redirect["fix"].startswith("re-run the build, which restores /rw/config/sysdns from the pillar")
+    assert "sudo qubesctl --show-output state.sls qubes.network.sys-dns" in redirect["fix"]
+    assert "qvm-run -u root sys-dns /usr/lib/sysdns/apply-firewall" not in redirect["fix"]
+    assert redirect["detail"].endswith("; /rw/config/sysdns differs from what the pillar renders: sysdns.nft")
+    for item in findings:
+        assert "qvm-run -u root sys-dns /usr/lib/sysdns/apply-firewall" not in item["fix"], item
+
+
+def test_config_drift_compares_digests():
+    wanted = {"sysdns.nft": "table inet sysdns {}\n", "dnscrypt-proxy.toml": "listen = 1\n"}
+    digests = {name: hashlib.sha256(text.encode()).hexdigest() for name, text in wanted.items()}
+    listed = "".join(f"file {digest} {name}\n" for name, digest in digests.items()) + "files listed\n"
+    assert diagnose_module.config_drift(diagnose_module.parse_report(listed), wanted) == []
+    edited = listed.replace(digests["sysdns.nft"], "0" * 64)
+    assert diagnose_module.config_drift(diagnose_module.parse_report(edited), wanted) == ["sysdns.nft"]
+    missing = "".join(line + "\n" for line in listed.splitlines() if "sysdns.nft" not in line)
+    assert diagnose_module.config_drift(diagnose_module.parse_report(missing), wanted) == ["sysdns.nft"]
+    unlisted = listed.replace("files listed\n", "")
+    assert diagnose_module.config_drift(diagnose_module.parse_report(unlisted), wanted) is None
 
 
 def test_cert_not_yet_valid_is_clock_skew():
@@ -438,21 +498,34 @@ def test_unsupported_version_is_not_valid():
 def test_only_unsupported_versions_rejected():
     answer = cert_answer((NOW - 600, NOW + 600), es_versions=(3,))
     checks = by_check(diagnose_module.classify(facts(report_text(cert="cert lab-dnscrypt " + answer))))
-    assert checks["clock"]["status"] == "ok"
+    assert checks["clock"]["status"] == "skip"
     assert checks["clock"]["detail"].endswith(
         "; certificate answer rejected from lab-dnscrypt (the response contains no DNSCrypt "
-        "certificate: certificate 1 has es-version 3, expected 1 or 2)"
+        "certificate: certificate 1 has es-version 3, expected 1 or 2)" + SKIPPED_CLOCK
     )
 
 
 def test_unreadable_answer_named_in_clock():
     text = report_text(cert="cert lab-dnscrypt 8180")
     checks = by_check(diagnose_module.classify(facts(text)))
-    assert checks["clock"]["status"] == "ok"
+    assert checks["clock"]["status"] == "skip"
     assert "no certificate answer" not in checks["clock"]["detail"]
     assert checks["clock"]["detail"].endswith(
         "; certificate answer rejected from lab-dnscrypt (the response is shorter than a DNS header (2 bytes))"
+        + SKIPPED_CLOCK
     )
+
+
+def test_clock_without_certificate_answer_skipped():
+    checks = by_check(diagnose_module.classify(facts(report_text(cert="cert lab-dnscrypt none"))))
+    assert checks["clock"]["status"] == "skip"
+    assert "; no certificate answer from lab-dnscrypt" in checks["clock"]["detail"]
+    assert checks["clock"]["detail"].endswith(SKIPPED_CLOCK)
+
+
+def test_clock_without_dnscrypt_server_ok():
+    checks = by_check(diagnose_module.classify(facts(servers=[])))
+    assert checks["clock"]["status"] == "ok"
 
 
 def test_max_clients_named():
@@ -466,6 +539,36 @@ def test_max_clients_named():
     assert "5 times" in checks["max_clients"]["detail"]
     assert checks["upstream"]["cause"].startswith("max_clients exhausted")
     assert checks["encrypted upstream sessions"]["fix"] == "fix max_clients, upstream first"
+
+
+@pytest.mark.parametrize("server", ["10.137.0.5:53", "10.137.0.5", "[fd09:24ef:4179::a89:5]:53", "127.0.0.1:53"])
+def test_forwarding_loop_named_over_max_clients(server):
+    refusals = {
+        f"log{index}": f"log {NOW - index} [WARNING] Too many incoming connections (max=250)" for index in range(4, 9)
+    }
+    own = "\n".join(
+        ["address 127.0.0.1", "address ::1", "address 10.137.0.5", "address fd09:24ef:4179::a89:5"]
+        + [f"forward lan 192.168.1.1:53,{server}", "forward corp 192.168.1.2:53"]
+    )
+    text = report_text(**refusals) + own + "\n"
+    checks = by_check(diagnose_module.classify(facts(text)))
+    max_clients = checks["max_clients"]
+    assert max_clients["status"] == "fail"
+    assert max_clients["cause"].startswith(
+        f"forwarding loop: the forwarding rules (zone lan -> {server}) name an address of sys-dns itself"
+    )
+    assert "sysdns:dnscrypt:forwarding_rules" in max_clients["fix"]
+    assert "raise sysdns:dnscrypt:max_clients" not in max_clients["fix"]
+
+
+def test_forwarding_to_other_server_keeps_max_clients():
+    refusals = {
+        f"log{index}": f"log {NOW - index} [WARNING] Too many incoming connections (max=250)" for index in range(4, 9)
+    }
+    text = report_text(**refusals) + "address 10.137.0.5\nforward lan 10.137.0.50:53\n"
+    checks = by_check(diagnose_module.classify(facts(text)))
+    assert checks["max_clients"]["cause"].startswith("max_clients exhausted")
+    assert "raise sysdns:dnscrypt:max_clients" in checks["max_clients"]["fix"]
 
 
 def test_upstream_blocked_named():
@@ -543,13 +646,14 @@ class DiagnoseQubes(FakeQubes):
         return super().run(name, command, user, stdin, autostart, timeout, check)
 
 
-def run_diagnose(qubes, pillar, retcode=0):
-    fake = DiagnoseQubes(qubes.values(), report_text(clock=None), retcode)
+def run_diagnose(qubes, pillar, retcode=0, output=None):
+    fake = DiagnoseQubes(qubes.values(), report_text(clock=None) if output is None else output, retcode)
     context = {}
     measured = []
     salt = dict(SALT)
     salt.update(fake.salt_functions())
     salt["sysdns_config.validate"] = lambda: config_module.validate(pillar)
+    salt["sysdns_config.config_files"] = config_module.config_files
     checks_module.__salt__ = salt
     salt["sysdns.chain"] = checks_module.chain
     salt["sysdns.measure"] = lambda *args, **kwargs: measured.append((args, kwargs)) or window()
@@ -627,3 +731,17 @@ def test_diagnose_timeout_covers_every_fetch():
 def test_helper_failure_names_fix(retcode, advice):
     with pytest.raises(Exception, match="(?s)exit code {}: .*; {}".format(retcode, advice)):
         run_diagnose(estate(), lab_like_pillar(), retcode=retcode)
+
+
+def test_run_gives_build_fix_for_edited_file():
+    pillar = lab_like_pillar()
+    wanted = config_module.config_files(config_module.validate(pillar))
+    lines = [f"file {hashlib.sha256(text.encode()).hexdigest()} {name}" for name, text in wanted.items()]
+    lines = [line.replace(line.split()[1], "0" * 64) if line.endswith(" sysdns.nft") else line for line in lines]
+    output = "\n".join(lines + ["files listed"]) + "\n" + report_text(clock=None, rule="redirect-rule missing")
+    data, fake, context, measured = run_diagnose(estate(), pillar, output=output)
+    redirect = by_check(data["findings"])["redirect"]
+    assert "sysdns.nft" in redirect["detail"]
+    assert redirect["fix"].startswith("re-run the build")
+    assert measured == []
+    assert context["retcode"] == 1

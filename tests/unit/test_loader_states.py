@@ -264,7 +264,7 @@ def test_template_present_branches(sysdns, lab):
 
     wrong = sysdns.template_present(name="personal", source="debian-12-hard-min")
     assert wrong.result is False
-    assert "is a AppVM, not a TemplateVM" in wrong.comment
+    assert "exists but its class is AppVM, not TemplateVM" in wrong.comment
 
     missing = sysdns.template_present(name="tpl-other", source="no-such-template")
     assert missing.result is False

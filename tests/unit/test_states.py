@@ -81,7 +81,7 @@ def test_template_present_existing_is_noop(fake):
 def test_template_present_rejects_appvm_name(fake):
     ret = states(fake).template_present("personal", "debian-12-minimal")
     assert ret["result"] is False
-    assert "is a AppVM, not a TemplateVM" in ret["comment"]
+    assert "exists but its class is AppVM, not TemplateVM" in ret["comment"]
     assert fake.changes == []
 
 
@@ -403,6 +403,27 @@ def test_config_applied_halted_uses_record(fake):
     ret = states(fake).config_applied("sys-dns", CONFIG)
     assert ret["changes"] == {}
     assert fake.runs == []
+
+
+def test_config_applied_halted_comment_under_test(fake):
+    build_sequence(states(fake))
+    fake.qubes["sys-dns"]["state"] = "Halted"
+    fake.runs.clear()
+    ret = states(fake, test=True).config_applied("sys-dns", CONFIG)
+    assert ret["result"] is True
+    assert ret["changes"] == {}
+    assert fake.runs == []
+    assert ret["comment"] == (
+        "Configuration recorded in feature sysdns.config of sys-dns matches the pillar; sys-dns is halted, "
+        "so whether dnscrypt-proxy runs is unknown until it starts"
+    )
+    assert "dnscrypt-proxy runs" not in ret["comment"].replace("whether dnscrypt-proxy runs", "")
+
+
+def test_config_applied_running_comment_unchanged(fake):
+    build_sequence(states(fake))
+    ret = states(fake, test=True).config_applied("sys-dns", CONFIG)
+    assert ret["comment"] == "Configuration of sys-dns is up to date and dnscrypt-proxy runs"
 
 
 def test_config_applied_failure_keeps_record(fake):

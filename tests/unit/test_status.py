@@ -1,6 +1,8 @@
 """Tests of sysdns.status: parsing the status helper's output and building the status dict."""
 
+import ast
 import hashlib
+import pathlib
 import struct
 
 import pytest
@@ -597,7 +599,10 @@ def test_status_missing_qube(fake):
 
     assert fake.runs == []
     assert status["qube"] == {"name": "sys-dns", "exists": False}
-    assert "qube sys-dns not found: run qubes.network.sys-dns" in status["problems"]
+    assert (
+        "qube sys-dns not found; fix: run the build: sudo qubesctl --show-output state.sls qubes.network.sys-dns"
+        in status["problems"]
+    )
     assert status["chain"]["sys-firewall"]["through_sysdns"] is False
     assert status["counters"] == "unknown: sys-dns is missing"
 
@@ -611,11 +616,15 @@ def test_status_chain_bypass_and_wrong_netvm(fake):
 
     assert status["chain"]["sys-firewall"]["path"] == "sys-firewall -> sys-net"
     assert (
-        "sys-firewall: netvm is sys-net, so its DNS does not pass through sys-dns: run qubes.network.sys-dns"
+        "sys-firewall: netvm is sys-net, so its DNS does not pass through sys-dns; fix: "
+        "qvm-prefs sys-firewall netvm sys-dns, or re-run the build: sudo qubesctl --show-output state.sls qubes.network.sys-dns"
         in status["problems"]
     )
-    assert "sys-dns: netvm is sys-whonix, expected sys-net" in status["problems"]
-    assert "sys-dns: provides_network is False, expected True" in status["problems"]
+    assert "sys-dns: netvm is sys-whonix, expected sys-net; fix: qvm-prefs sys-dns netvm sys-net" in status["problems"]
+    assert (
+        "sys-dns: provides_network is False, expected True; fix: qvm-prefs sys-dns provides_network True"
+        in status["problems"]
+    )
 
 
 def test_status_rewired_qube_missing(fake):
@@ -624,7 +633,10 @@ def test_status_rewired_qube_missing(fake):
     status = module_for(fake).collect_status()
 
     assert status["chain"]["sys-firewall"] == {"exists": False, "through_sysdns": False}
-    assert "qube sys-firewall (sysdns:rewire) not found" in status["problems"]
+    assert (
+        "qube sys-firewall (sysdns:rewire) not found; fix: create it, or remove it from sysdns:rewire "
+        "and re-run the build" in status["problems"]
+    )
 
 
 def test_status_class_differs(fake):
@@ -632,7 +644,11 @@ def test_status_class_differs(fake):
 
     status = module_for(fake).collect_status()
 
-    assert "sys-dns: class is DispVM, the pillar asks for AppVM" in status["problems"]
+    assert (
+        "sys-dns: class is DispVM, the pillar asks for AppVM; fix: Qubes cannot change a qube's class, "
+        "so set sysdns:qube:class to DispVM, or remove the qube (qvm-remove sys-dns) and re-run the build"
+        in status["problems"]
+    )
 
 
 def test_status_file_drift(fake):
@@ -687,7 +703,11 @@ def test_status_input_accept_incomplete(fake):
     status = module_for(fake).collect_status()
 
     assert status["drift"]["custom-input accept"] == "incomplete"
-    assert "sys-dns: input-accept is incomplete, expected present" in status["problems"]
+    assert (
+        "sys-dns: input-accept is incomplete, expected present, so Qubes' input chain rejects the "
+        "redirected queries; fix: re-run the build, which reloads the tables: sudo qubesctl --show-output state.sls qubes.network.sys-dns"
+        in status["problems"]
+    )
     assert status["drift"]["in_sync"] is False
 
 
@@ -698,8 +718,17 @@ def test_status_tables_missing(fake):
 
     status = module_for(fake).collect_status()
 
-    assert "sys-dns: firewall is missing, expected loaded" in status["problems"]
-    assert "sys-dns: guard is missing, expected loaded" in status["problems"]
+    assert (
+        "sys-dns: firewall is missing, expected loaded, so downstream DNS is not redirected to "
+        "dnscrypt-proxy (table inet sysdns); fix: re-run the build, which reloads the tables: sudo qubesctl --show-output state.sls qubes.network.sys-dns"
+        in status["problems"]
+    )
+    assert (
+        "sys-dns: guard is missing, expected loaded, so the fail-closed guard (table inet sysdns_guard) "
+        "does not stop plaintext DNS from leaving while table inet sysdns is missing; fix: re-run the "
+        "build, which reloads the tables: sudo qubesctl --show-output state.sls qubes.network.sys-dns"
+        in status["problems"]
+    )
     assert status["drift"]["in_sync"] is False
 
 
@@ -711,7 +740,11 @@ def test_status_service_stopped(fake):
     assert status["dnscrypt_proxy"]["running"] is False
     assert status["dnscrypt_proxy"]["live_servers"] == []
     assert status["servers"]["lab-doh"]["live"] is False
-    assert "sys-dns: dnscrypt-proxy is not running (service inactive)" in status["problems"]
+    assert (
+        "sys-dns: dnscrypt-proxy is not running (service inactive); fix: qvm-run -u root sys-dns "
+        "'systemctl restart dnscrypt-proxy'; if it stops again, read its log: "
+        "qvm-run -p -u root sys-dns 'journalctl -u dnscrypt-proxy -b'" in status["problems"]
+    )
     # Files and tables still match: a stopped service is no drift.
     assert status["drift"]["in_sync"] is True
 
@@ -722,7 +755,10 @@ def test_status_no_live_server(fake):
     status = module_for(fake).collect_status()
 
     assert status["dnscrypt_proxy"]["live_servers"] == []
-    assert "sys-dns: dnscrypt-proxy reports no live server yet" in status["problems"]
+    assert (
+        "sys-dns: dnscrypt-proxy reports no live server yet; fix: wait a minute for its first server "
+        "refresh; if it persists, qubesctl sysdns.diagnose names the cause" in status["problems"]
+    )
 
 
 def test_status_expired_certificate(fake):
@@ -746,7 +782,11 @@ def test_status_certificate_missing_from_output(fake):
         "valid_now": None,
         "problem": "not fetched: the status helper printed nothing",
     }
-    assert "sys-dns: server lab-dnscrypt: the status helper printed no certificate line" in status["problems"]
+    assert (
+        "sys-dns: server lab-dnscrypt: the status helper printed no certificate line; fix: re-run the "
+        "build, which reinstalls /usr/lib/sysdns/status: sudo qubesctl --show-output state.sls qubes.network.sys-dns"
+        in status["problems"]
+    )
 
 
 def test_status_helper_failure(fake):
@@ -761,3 +801,38 @@ def test_status_helper_failure(fake):
 
 def test_status_function_returns_collected(fake):
     assert module_for(fake).status() == module_for(fake).collect_status()
+
+
+def test_every_problem_carries_fix():
+    # Every problem of the module goes through add_problem, which rejects an empty
+    # fix, so no code path can report a problem without saying what to do.
+    source = pathlib.Path(__file__).resolve().parents[2] / "_modules" / "sysdns.py"
+    tree = ast.parse(source.read_text())
+    calls = 0
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef) or function.name == "add_problem":
+            continue
+        for node in ast.walk(function):
+            if not isinstance(node, ast.Call):
+                continue
+            callee = node.func
+            if isinstance(callee, ast.Attribute) and callee.attr == "append":
+                assert not (isinstance(callee.value, ast.Name) and callee.value.id == "problems"), (
+                    "{} appends a problem without add_problem (line {})".format(function.name, node.lineno)
+                )
+            if isinstance(callee, ast.Name) and callee.id == "add_problem":
+                calls += 1
+                assert len(node.args) == 3, "add_problem at line {} lacks a fix".format(node.lineno)
+                fix = node.args[2]
+                assert not (isinstance(fix, ast.Constant) and not fix.value), node.lineno
+    assert calls >= 25
+
+
+def test_add_problem_rejects_empty_fix():
+    module = load_salt_module("_modules/sysdns.py")
+    problems = []
+    with pytest.raises(ValueError, match="has no fix"):
+        module.add_problem(problems, "sys-dns: something is wrong", "")
+    assert problems == []
+    module.add_problem(problems, "sys-dns: something is wrong", "do this")
+    assert problems == ["sys-dns: something is wrong; fix: do this"]

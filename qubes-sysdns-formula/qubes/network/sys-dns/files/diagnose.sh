@@ -2,6 +2,10 @@
 # Collect, read-only, what `qubesctl sysdns.diagnose` in dom0 needs from sys-dns, one
 # fact per line (the dom0 side parses them and names the causes):
 #   clock EPOCH                     this qube's clock
+#   file SHA256 NAME                each file in /rw/config/sysdns, as report.sh prints it
+#   files listed                    after the file lines, so none means an empty directory
+#   forward ZONE SERVERS            each rule of the forwarding-rules file the toml names
+#   address IP                      each address of this qube, loopback included
 #   service ACTIVE SUB PID RESTARTS state of dnscrypt-proxy.service
 #   listen PROTO ADDRESS PROCESS    each socket bound to port 53
 #   table NAME present|missing      nft tables inet sysdns and inet sysdns_guard
@@ -21,6 +25,24 @@ set -u
 timeout_s=${SYSDNS_DIAGNOSE_TIMEOUT:-5}
 
 echo "clock $(date +%s)"
+
+# dom0 compares the digests with what the pillar renders: a hand-edited file is
+# repaired by the build, not by reloading it.
+for path in /rw/config/sysdns/*; do
+    [ -f "$path" ] || continue
+    sum=$(sha256sum <"$path")
+    printf 'file %s %s\n' "${sum%% *}" "${path##*/}"
+done
+echo "files listed"
+
+# A forwarding rule whose server is an address of this qube makes dnscrypt-proxy
+# forward to itself: its own queries to port 53 are redirected back to it.
+toml=/rw/config/sysdns/dnscrypt-proxy.toml
+rules=$(sed -n 's/^[[:space:]]*forwarding_rules[[:space:]]*=[[:space:]]*["'"'"']\([^"'"'"']*\)["'"'"'].*/\1/p' "$toml" 2>/dev/null | head -n 1)
+if [ -n "$rules" ] && [ -f "$rules" ]; then
+    sed 's/#.*//' "$rules" | awk 'NF >= 2 { print "forward", $1, $2 }'
+fi
+ip -o addr show 2>/dev/null | awk '{ split($4, parts, "/"); print "address", parts[1] }'
 
 show=$(systemctl show -p ActiveState -p SubState -p MainPID -p NRestarts dnscrypt-proxy.service 2>/dev/null)
 value() { printf '%s\n' "$show" | sed -n "s/^$1=//p"; }
