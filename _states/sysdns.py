@@ -64,10 +64,6 @@ def _fail(ret, comment):
     return ret
 
 
-def _with_article(noun):
-    return ("an " if noun[:1] in "AEIOU" else "a ") + noun
-
-
 def _sha256(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -389,9 +385,9 @@ def qube_present(name, template, label, klass="AppVM", prefs=None, features=None
             if qube["class"] != klass:
                 return _fail(
                     ret,
-                    "qube {} exists as {} but the state requests {}, and Qubes cannot "
+                    "qube {} has class {} but the state requests class {}, and Qubes cannot "
                     "change a qube's class: choose another name, or remove the qube once "
-                    "no other qube uses it".format(name, _with_article(qube["class"]), _with_article(klass)),
+                    "no other qube uses it".format(name, qube["class"], klass),
                 )
             prefs = dict(prefs, template=template, label=label)
             have_features = __salt__["sysdns_qvm.features"](name)

@@ -329,7 +329,7 @@ def test_qube_present_rejects_other_class(sysdns, lab):
     ret = sysdns.qube_present(name="debian-12-xfce", template="debian-12-xfce", label="orange")
 
     assert ret.result is False
-    assert "exists as a TemplateVM but the state requests an AppVM" in ret.comment
+    assert "has class TemplateVM but the state requests class AppVM" in ret.comment
     assert lab.write_calls() == []
 
 

@@ -173,7 +173,7 @@ def test_qube_present_rejects_other_class(fake):
 def test_qube_present_class_message_grammar(fake):
     ret = states(fake).qube_present("sys-firewall", "debian-12-minimal", "green", klass="DispVM")
 
-    assert "qube sys-firewall exists as an AppVM but the state requests a DispVM" in ret["comment"]
+    assert "qube sys-firewall has class AppVM but the state requests class DispVM" in ret["comment"]
     assert "a AppVM" not in ret["comment"]
 
 
